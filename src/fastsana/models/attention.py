@@ -1,0 +1,66 @@
+"""Attention maths for the Linear DiT, as free functions on (B, N, heads·d) token tensors.
+
+These are the reference PyTorch paths; faster kernels must match them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Added to the denominator of linear attention; diffusers uses 1e-15, the official code 1e-8.
+# With ReLU features the denominator is 0 only when a query or every key is all-zero, where
+# the numerator is 0 too, so the value only decides 0/0 → 0 and never changes other outputs.
+LINEAR_ATTENTION_EPS = 1e-15
+
+# fp16 checkpoints were trained with their activations clipped to the fp16 range.
+FP16_MAX = 65504.0
+
+
+def relu_linear_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """ReLU linear attention: out_n = Σ_m v_m φ(k_m)·φ(q_n) / (Σ_m φ(k_m)·φ(q_n) + ε).
+
+    q, k, v: (B, N, heads·d). Computed as φ(K)ᵀV first (a d×d matrix per head, O(N)), in fp32
+    because the sums over N tokens overflow or lose precision in half precision.
+    """
+    b, n, inner = q.shape
+    d = inner // heads
+    q = F.relu(q).float().view(b, n, heads, d).transpose(1, 2)  # (B, h, N, d)
+    k = F.relu(k).float().view(b, n, heads, d).transpose(1, 2)  # (B, h, N, d)
+    v = v.float().view(b, n, heads, d).transpose(1, 2)  # (B, h, N, d)
+    kv = k.transpose(-1, -2) @ v  # (B, h, d, d)
+    k_sum = k.sum(dim=2, keepdim=True)  # (B, h, 1, d)
+    num = q @ kv  # (B, h, N, d)
+    den = (q * k_sum).sum(dim=-1, keepdim=True)  # (B, h, N, 1)
+    out = num / (den + LINEAR_ATTENTION_EPS)  # (B, h, N, d)
+    return out.transpose(1, 2).reshape(b, n, inner)  # (B, N, h·d)
+
+
+def softmax_attention(
+    q: Tensor, k: Tensor, v: Tensor, heads: int, bias: Tensor | None = None
+) -> Tensor:
+    """Scaled dot-product attention on (B, N, heads·d) tensors; ``bias`` broadcasts to
+    (B, heads, Nq, Nk). Used for cross-attention, and for self-attention in the softmax ablation."""
+    b, nq, inner = q.shape
+    nk = k.shape[1]
+    d = inner // heads
+    q = q.view(b, nq, heads, d).transpose(1, 2)  # (B, h, Nq, d)
+    k = k.view(b, nk, heads, d).transpose(1, 2)  # (B, h, Nk, d)
+    v = v.view(b, nk, heads, d).transpose(1, 2)  # (B, h, Nk, d)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, Nq, d)
+    return out.transpose(1, 2).reshape(b, nq, inner)  # (B, Nq, h·d)
+
+
+def mask_to_bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """(B, L) keep-mask (bool or 0/1) → additive bias (B, 1, 1, L).
+
+    −10000 rather than −inf (as the reference does) so that an all-padding caption yields a
+    uniform average instead of NaN.
+    """
+    if mask is None:
+        return None
+    if mask.dim() != 2:
+        raise ValueError(f"text_mask must have shape (B, L), got {tuple(mask.shape)}")
+    keep = mask.to(dtype)
+    return ((1.0 - keep) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)

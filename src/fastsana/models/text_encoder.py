@@ -1,0 +1,227 @@
+"""Prompt encoder: a frozen decoder-only LLM (Gemma-2-2B-it for SANA) read at its last layer.
+
+SANA conditions its DiT on the last hidden state (after the final norm) of a decoder-only LLM.
+A decoder-only model sees each token only through the tokens before it, so a short prompt on
+its own gives features with little context. SANA therefore puts a fixed "complex human
+instruction" (CHI) in front of the prompt, asking the LLM to imagine a detailed picture, and
+keeps the BOS position plus the last ``max_length - 1`` positions: the prompt tokens (and the
+instruction's last token), whose features have now attended to the instruction.
+
+Encoding, per batch of prompts (the slicing matches diffusers' ``SanaPipeline.encode_prompt``):
+
+1. Lower-case and strip each prompt; prepend the instruction (joined by newlines) when given.
+2. Tokenize with BOS, right padding and right truncation to ``n_chi + max_length - 2`` tokens,
+   ``n_chi`` being the length of the instruction alone with its BOS; ``max_length`` without one.
+3. Run the LLM with the attention mask; take the last hidden state.
+4. Keep position 0 and the last ``max_length - 1`` positions of the states and of the mask.
+
+Negative prompts are encoded without the instruction (``encode_negative``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MAX_LENGTH = 300
+
+# Our own wording of the prompt-enhancer instruction. The joined text ends with "User Prompt: "
+# so the (lower-cased) prompt follows it directly, as in the reference pipelines.
+DEFAULT_INSTRUCTION: tuple[str, ...] = (
+    "You are a prompt enhancer for an image generator. Read the short user prompt at the end "
+    "and picture the full scene it describes.",
+    "- If the prompt is brief, think about the colour, shape, size and texture of each object, "
+    "where the objects stand relative to each other, and the lighting and mood of the scene.",
+    "- If the prompt is already rich in detail, keep its meaning and only make its details "
+    "sharper.",
+    "Two examples of the transformation:",
+    "- User Prompt: A dog on a beach -> Enhanced: A golden retriever with wet, sandy fur runs "
+    "along the edge of the surf on a wide pale beach, a low orange evening sun behind it "
+    "casting long blue shadows.",
+    "- User Prompt: An old library -> Enhanced: A tall wood-panelled library lit by brass lamps, "
+    "shelves of worn leather books rising to a painted ceiling, dust floating in a beam of "
+    "light from a narrow arched window.",
+    "Answer with the enhanced description of the prompt below only, with no comments.",
+    "User Prompt: ",
+)
+
+Instruction = str | Sequence[str] | None
+
+
+class TextEncoder:
+    """A frozen decoder-only LLM and its tokenizer, turning prompts into DiT conditioning.
+
+    ``model`` may be a base decoder (``Gemma2Model``) or a causal LM (``Gemma2ForCausalLM``);
+    the base model's ``last_hidden_state`` is used in both cases. The model is put in eval mode.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(
+                f"model must be a transformers PreTrainedModel, got {type(model).__name__}"
+            )
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise TypeError(
+                "tokenizer must be a transformers tokenizer (PreTrainedTokenizerBase), "
+                f"got {type(tokenizer).__name__}"
+            )
+        if tokenizer.pad_token is None:
+            raise ValueError("tokenizer has no pad token; prompts are padded to a fixed length")
+        if tokenizer.truncation_side != "right":
+            # Left truncation would cut the instruction, not the end of a long prompt.
+            raise ValueError(
+                f"tokenizer.truncation_side must be 'right', got {tokenizer.truncation_side!r}"
+            )
+        # A causal LM wraps the decoder; its logits head is not needed. For a bare decoder
+        # ``base_model`` is the model itself.
+        self.model: PreTrainedModel = model.base_model.eval()
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        text_encoder_dir: str | os.PathLike[str],
+        tokenizer_dir: str | os.PathLike[str],
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> TextEncoder:
+        """Load a model folder (config + safetensors) and a tokenizer folder, offline.
+
+        ``device`` defaults to CUDA when available, else CPU; ``dtype`` to bfloat16 on CUDA
+        (Gemma-2 is published in bf16) and float32 on CPU.
+        """
+        for name, folder in (
+            ("text_encoder_dir", text_encoder_dir),
+            ("tokenizer_dir", tokenizer_dir),
+        ):
+            if not Path(folder).is_dir():
+                raise FileNotFoundError(f"{name}: {folder} is not a folder")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        model = AutoModel.from_pretrained(
+            str(text_encoder_dir), dtype=dtype, use_safetensors=True, local_files_only=True
+        )
+        return cls(model.to(device), tokenizer)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def to(self, device: str | torch.device) -> TextEncoder:
+        self.model.to(device)
+        return self
+
+    def offload(self) -> TextEncoder:
+        """Move the model to CPU and release the accelerator memory it held."""
+        was_on_cuda = self.device.type == "cuda"
+        self.model.to("cpu")
+        if was_on_cuda:
+            torch.cuda.empty_cache()
+        return self
+
+    @torch.no_grad()  # no_grad, not inference_mode: the outputs may feed a trained DiT
+    def encode(
+        self,
+        prompts: Sequence[str],
+        *,
+        instruction: Instruction = DEFAULT_INSTRUCTION,
+        max_length: int = DEFAULT_MAX_LENGTH,
+    ) -> tuple[Tensor, Tensor]:
+        """Embeddings (B, max_length, hidden_size) and mask (B, max_length) int64, 1 = token.
+
+        ``instruction``: a string, or lines joined with newlines; ``None`` encodes the bare
+        prompts.
+        """
+        texts = _preprocess(prompts)
+        _check_max_length(max_length)
+        chi = _join_instruction(instruction)
+        if chi is None:
+            total_length = max_length
+        else:
+            n_chi = len(self.tokenizer.encode(chi))
+            if n_chi < 2:
+                raise ValueError(
+                    "instruction must tokenize to at least one token besides BOS, got "
+                    f"{n_chi} token(s); pass instruction=None to encode without one"
+                )
+            texts = [chi + text for text in texts]
+            total_length = n_chi + max_length - 2
+        tokens = self.tokenizer(
+            texts,
+            padding="max_length",
+            padding_side="right",
+            max_length=total_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        device = self.device
+        ids = tokens["input_ids"].to(device)  # (B, total_length)
+        mask = tokens["attention_mask"].to(device)  # (B, total_length)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, D)
+        # Keep BOS and the last max_length - 1 positions. An explicit start index, because a
+        # slice [-0:] would keep everything when max_length is 1.
+        start = total_length - (max_length - 1)
+        hidden = torch.cat([hidden[:, :1], hidden[:, start:]], dim=1)  # (B, max_length, D)
+        mask = torch.cat([mask[:, :1], mask[:, start:]], dim=1)  # (B, max_length)
+        return hidden, mask
+
+    def encode_negative(
+        self, prompts: Sequence[str], *, max_length: int = DEFAULT_MAX_LENGTH
+    ) -> tuple[Tensor, Tensor]:
+        """Negative (unconditional) prompts: encoded without the instruction, as SANA does."""
+        return self.encode(prompts, instruction=None, max_length=max_length)
+
+
+def _preprocess(prompts: Sequence[str]) -> list[str]:
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, got a str; wrap one prompt in a list")
+    if not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("prompts must hold at least one prompt, got an empty list")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}")
+    return [prompt.lower().strip() for prompt in prompts]
+
+
+def _check_max_length(max_length: int) -> None:
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+
+
+def _join_instruction(instruction: Instruction) -> str | None:
+    if instruction is None:
+        return None
+    if isinstance(instruction, str):
+        lines: Sequence[str] = [instruction]
+    elif isinstance(instruction, Sequence):
+        lines = instruction
+    else:
+        raise TypeError(
+            "instruction must be a str, a list of str lines, or None, "
+            f"got {type(instruction).__name__}"
+        )
+    for i, line in enumerate(lines):
+        if not isinstance(line, str):
+            raise TypeError(f"instruction[{i}] must be a str, got {type(line).__name__}")
+    text = "\n".join(lines)
+    if not text:
+        raise ValueError("instruction is empty; pass instruction=None to encode without one")
+    return text
