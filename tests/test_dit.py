@@ -78,8 +78,12 @@ def test_padding_tokens_are_ignored() -> None:
 
 
 def test_gradients_reach_every_parameter() -> None:
-    for config in (TINY, dataclasses.replace(TINY, qk_norm=True, guidance_embeds=True,
-                                             interpolation_scale=1.0, patch_size=2)):  # fmt: skip
+    for config in (
+        TINY,
+        dataclasses.replace(
+            TINY, qk_norm=True, guidance_embeds=True, interpolation_scale=1.0, patch_size=2
+        ),
+    ):
         model = _random_model(config)
         x, t, text, mask = _inputs(config, size=(8, 6))
         guidance = torch.full((2,), 3.0) if config.guidance_embeds else None
@@ -214,9 +218,11 @@ def test_pickled_code_is_refused(tmp_path) -> None:
 def test_bad_inputs_raise_clear_errors(kwargs: dict, message: str) -> None:
     model = _random_model(TINY)
     args = dict(
-        x=torch.randn(1, 32, 4, 4), t=torch.tensor([1.0]), text=torch.randn(1, 5, 64),
+        x=torch.randn(1, 32, 4, 4),
+        t=torch.tensor([1.0]),
+        text=torch.randn(1, 5, 64),
         text_mask=torch.ones(1, 5),
-    )  # fmt: skip
+    )
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         model(**args)

@@ -16,9 +16,14 @@ _EXPORTS = {
     "load_transformer": "fastsana.checkpoints.transformer",
     "save_transformer": "fastsana.checkpoints.transformer",
     "convert_transformer": "fastsana.checkpoints.transformer",
+    "load_autoencoder": "fastsana.checkpoints.autoencoder",
+    "save_autoencoder": "fastsana.checkpoints.autoencoder",
+    "SanaPipeline": "fastsana.pipeline",
+    "default_model_path": "fastsana.pipeline",
 }
 
 if TYPE_CHECKING:
+    from fastsana.checkpoints.autoencoder import load_autoencoder, save_autoencoder
     from fastsana.checkpoints.common import CheckpointError
     from fastsana.checkpoints.transformer import (
         convert_transformer,
@@ -27,6 +32,7 @@ if TYPE_CHECKING:
     )
     from fastsana.configs import DIT_PRESETS, DiTConfig
     from fastsana.models.dit import SanaTransformer
+    from fastsana.pipeline import SanaPipeline, default_model_path
 
 
 def __getattr__(name: str) -> Any:
@@ -46,8 +52,12 @@ __all__ = [
     "DIT_PRESETS",
     "CheckpointError",
     "DiTConfig",
+    "SanaPipeline",
     "SanaTransformer",
     "convert_transformer",
+    "default_model_path",
+    "load_autoencoder",
     "load_transformer",
+    "save_autoencoder",
     "save_transformer",
 ]

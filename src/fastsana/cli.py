@@ -9,16 +9,26 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 from fastsana.configs import DIT_PRESETS
+from fastsana.resolution import MAX_SIDE
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class UsageError(Exception):
     """Bad user input detected by a command; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage dump), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -66,14 +76,178 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.dst} (transformer: depth {config.depth}, width {config.hidden_size})")
 
 
+# ------------------------------------------------------------------------------ generate
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' (or one number for a square) → (height, width)."""
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        sides = [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"--size must look like 1024x768 (width x height), got {text!r}") from None
+    if len(sides) == 1:
+        sides = sides * 2
+    if len(sides) != 2:
+        raise UsageError(f"--size must look like 1024x768 (width x height), got {text!r}")
+    width, height = sides
+    for name, side in (("width", width), ("height", height)):
+        # Every SANA autoencoder compresses 32× per side.
+        if not 32 <= side <= MAX_SIDE or side % 32:
+            raise UsageError(
+                f"--size {name} must be a multiple of 32 between 32 and {MAX_SIDE}, got {side}"
+            )
+    return height, width
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = [args.prompt] if args.prompt is not None else []
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise UsageError(f"--prompt-file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError(f"--prompt-file {path} has no prompts (one per line)")
+    if not prompts:
+        raise UsageError("give a prompt or --prompt-file FILE")
+    if any(not p.strip() for p in prompts):
+        raise UsageError("the prompt is empty")
+    return prompts
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i:03d}{output.suffix}") for i in range(count)]
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Generate images from prompts and write PNGs with their settings as metadata."""
+    import random
+
+    from fastsana.images import make_grid, save_png
+    from fastsana.models.text_encoder import DEFAULT_INSTRUCTION
+    from fastsana.pipeline import SanaPipeline, default_model_path
+
+    prompts = read_prompts(args)
+    height, width = parse_size(args.size) if args.size else (None, None)
+    output = Path(args.output)
+    if output.suffix.lower() != ".png":
+        raise UsageError(f"-o/--output must end in .png, got {output}")
+    if args.batch < 1:
+        raise UsageError(f"--batch must be ≥ 1, got {args.batch}")
+    model = args.model or default_model_path()
+    pipe = SanaPipeline.from_pretrained(model, dtype=parse_dtype(args.dtype), device=args.device)
+    settings = pipe.resolve(height, width, args.steps, args.guidance, args.sampler, args.seed)
+    seed = settings.seed if settings.seed is not None else random.randrange(2**31)
+
+    images, records = [], []
+    per_call = max(1, args.max_batch // args.batch)
+    for start in range(0, len(prompts), per_call):
+        chunk = prompts[start : start + per_call]
+        call_seed = seed + start  # each call draws its own batch of noise from its seed
+        images += pipe(
+            chunk,
+            negative_prompt=args.negative,
+            height=settings.height,
+            width=settings.width,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            seed=call_seed,
+            sampler=settings.sampler,
+            num_images_per_prompt=args.batch,
+            use_resolution_binning=not args.no_binning,
+            complex_human_instruction=None if args.no_instruction else DEFAULT_INSTRUCTION,
+        )
+        for i, prompt in enumerate(p for p in chunk for _ in range(args.batch)):
+            records.append(
+                {
+                    "prompt": prompt,
+                    "negative_prompt": args.negative,
+                    "seed": call_seed,
+                    "batch_index": i,
+                    "batch_size": len(chunk) * args.batch,
+                    "size": f"{settings.width}x{settings.height}",
+                    "steps": settings.steps,
+                    "guidance_scale": settings.guidance_scale,
+                    "sampler": settings.sampler,
+                    "flow_shift": settings.flow_shift,
+                    "complex_human_instruction": not args.no_instruction,
+                    "model": str(model),
+                }
+            )
+    if args.grid:
+        save_png(make_grid(images), output, {"images": records})
+        print(f"wrote {output} ({len(images)} images in a grid)")
+        return
+    for image, record, path in zip(images, records, output_paths(output, len(images)), strict=True):
+        save_png(image, path, record)
+        print(f"wrote {path}")
+
+
+def add_generate_command(sub: argparse._SubParsersAction) -> None:
+    from fastsana.sampling import SAMPLERS
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate images from a prompt (default: the embedded Shapes model)",
+        description="Generate images. Unset options come from the model's defaults "
+        "(steps, guidance, flow shift, native size).",
+    )
+    gen.add_argument("prompt", nargs="?", default=None, help="the prompt (or use --prompt-file)")
+    gen.add_argument(
+        "-o",
+        "--output",
+        default="fastsana.png",
+        help="PNG path (default %(default)s); "
+        "several images are numbered out-000.png, out-001.png, …",
+    )
+    gen.add_argument("--prompt-file", help="text file with one prompt per line")
+    gen.add_argument("--model", help="pipeline folder or Hub id (default: the embedded model)")
+    gen.add_argument("--size", help="WIDTHxHEIGHT, multiples of 32 (default: the model's native)")
+    gen.add_argument("--steps", type=int, default=None, help="sampling steps (default: model's)")
+    gen.add_argument("--guidance", type=float, default=None, help="CFG scale; 1 disables CFG")
+    gen.add_argument("--seed", type=int, default=None, help="noise seed (default: random)")
+    gen.add_argument(
+        "--sampler",
+        choices=sorted(SAMPLERS),
+        default=None,
+        help="flow_dpm (Flow-DPM-Solver, default) or flow_euler",
+    )
+    gen.add_argument("--negative", default="", help="negative prompt")
+    gen.add_argument("--batch", type=int, default=1, help="images per prompt")
+    gen.add_argument("--max-batch", type=int, default=8, help="images per forward batch")
+    gen.add_argument("--grid", action="store_true", help="write all images as one grid PNG")
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if any)")
+    gen.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="weights dtype (default: bf16 on CUDA, fp32 on CPU)",
+    )
+    gen.add_argument(
+        "--no-instruction",
+        action="store_true",
+        help="encode the prompt without the complex human instruction",
+    )
+    gen.add_argument(
+        "--no-binning",
+        action="store_true",
+        help="generate at the exact size instead of the nearest trained aspect ratio",
+    )
+    gen.set_defaults(func=cmd_generate)
+
+
 # -------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fastsana", description="SANA text-to-image: generate, convert, train."
+    parser = _Parser(prog="fastsana", description="SANA text-to-image: generate, convert, train.")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_generate_command(sub)
 
     demo = sub.add_parser("demo", help="run a forward pass of a preset (random weights)")
     demo.add_argument("--preset", choices=list(DIT_PRESETS), default="sana-small")

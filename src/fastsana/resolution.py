@@ -39,6 +39,8 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 
+MAX_SIDE = 8192  # largest image side the pipeline accepts (4K plus headroom)
+
 SUPPORTED_BASE_SIZES = (256, 512, 1024, 2048, 4096)
 
 # The DC-AE downsamples 32x, so every generated or trained side must be a multiple of 32.

@@ -20,6 +20,7 @@ Negative prompts are encoded without the instruction (``encode_negative``).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from fastsana.checkpoints.common import atomic_folder
 
 DEFAULT_MAX_LENGTH = 300
 
@@ -109,6 +112,27 @@ class TextEncoder:
             str(text_encoder_dir), dtype=dtype, use_safetensors=True, local_files_only=True
         )
         return cls(model.to(device), tokenizer)
+
+    def save_pretrained(
+        self,
+        text_encoder_dir: str | os.PathLike[str],
+        tokenizer_dir: str | os.PathLike[str],
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Write the model (safetensors) and the tokenizer as two folders, the layout of a
+        diffusers pipeline's ``text_encoder/`` and ``tokenizer/``. Each folder is written to
+        a temporary sibling first and renamed into place, so a crash leaves no half folder."""
+        state = None
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in self.model.state_dict().items()}
+        with atomic_folder(Path(text_encoder_dir)) as tmp:
+            self.model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            if dtype is not None:  # the config records the stored dtype for loaders
+                config = json.loads((tmp / "config.json").read_text())
+                config["dtype"] = str(dtype).removeprefix("torch.")
+                (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        with atomic_folder(Path(tokenizer_dir)) as tmp:
+            self.tokenizer.save_pretrained(str(tmp))
 
     @property
     def hidden_size(self) -> int:
