@@ -154,6 +154,7 @@ def test_prompt_file_batch_and_grid(model_dir, tmp_path, capsys) -> None:
         (["generate"], "give a prompt or --prompt-file"),
         (["generate", "x", "--prompt-file", "/nonexistent.txt"], "does not exist"),
         (["generate", "x", "--model", "/nonexistent/model"], "model not found"),
+        (["generate", "x", "--model", "no-such-org/no-such-model"], "could not get"),  # offline
         (["generate", "x", "-o", "out.jpg"], "must end in .png"),
         (["convert", "/nonexistent.pth", "out"], "not found"),
         (["demo", "--preset", "nope"], "invalid choice"),

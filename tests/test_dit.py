@@ -249,3 +249,22 @@ def test_config_validation_and_presets() -> None:
         DiTConfig(depth=0)
     with pytest.raises(ValueError, match="unknown DiT preset 'nope'; choose one of"):
         dit_preset("nope")
+
+
+def test_precision_variant_files_are_found(tmp_path) -> None:
+    """Official folders may hold only `diffusion_pytorch_model.bf16.safetensors`."""
+    model = _random_model(TINY)
+    save_transformer(model, tmp_path / "t", dtype=torch.bfloat16)
+    folder = tmp_path / "t"
+    (folder / "diffusion_pytorch_model.safetensors").rename(
+        folder / "diffusion_pytorch_model.bf16.safetensors"
+    )
+    loaded = load_transformer(folder)
+    assert loaded.dtype == torch.bfloat16
+    assert torch.equal(loaded.proj_out.weight, model.proj_out.weight.to(torch.bfloat16))
+    save_transformer(model, tmp_path / "t2")
+    (tmp_path / "t2" / "diffusion_pytorch_model.safetensors").rename(
+        folder / "diffusion_pytorch_model.fp16.safetensors"
+    )
+    with pytest.raises(CheckpointError, match=r"several precision variants \['bf16', 'fp16'\]"):
+        load_transformer(folder)

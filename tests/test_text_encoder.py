@@ -196,3 +196,19 @@ def test_bad_tokenizer_raises(components):
         TextEncoder(torch.nn.Linear(2, 2), tokenizer)
     with pytest.raises(FileNotFoundError, match="text_encoder_dir"):
         TextEncoder.from_pretrained("/nonexistent/text_encoder", "/nonexistent/tokenizer")
+
+
+def test_precision_variant_folder_loads(tmp_path) -> None:
+    """A text_encoder/ folder holding only `model.bf16.safetensors` (official layout) loads."""
+    from tiny_text import make_text_components
+
+    from fastsana.models.text_encoder import TextEncoder
+
+    model, tokenizer = make_text_components(["a red circle"])
+    model.save_pretrained(tmp_path / "te", variant="bf16")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    assert (tmp_path / "te" / "model.bf16.safetensors").is_file()
+    encoder = TextEncoder.from_pretrained(tmp_path / "te", tmp_path / "tok", device="cpu")
+    expected, _ = TextEncoder(model, tokenizer).encode(["a red circle"], instruction=None)
+    got, _ = encoder.encode(["a red circle"], instruction=None)
+    torch.testing.assert_close(got, expected)

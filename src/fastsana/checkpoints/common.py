@@ -82,18 +82,46 @@ def _read_sharded(index_path: Path, device: str | torch.device) -> dict:
     return state
 
 
-def find_weights_file(folder: Path, stem: str) -> Path:
-    """The weights of a diffusers component folder: ``stem.safetensors`` or its shard index."""
+def find_weights_file(folder: Path, stem: str, variant: str | None = None) -> Path:
+    """The weights of a diffusers component folder: ``stem.safetensors`` or its shard index.
+
+    Precision variants (``stem.bf16.safetensors``, ``stem.safetensors.index.fp16.json``, as
+    published for some official SANA folders) are used when asked for, or when they are the
+    only weights in the folder.
+    """
+    variant = variant or detect_variant(folder, stem)
+    suffix = f".{variant}" if variant else ""
     for candidate in (
-        folder / f"{stem}.safetensors",
-        folder / f"{stem}{SAFETENSORS_INDEX_SUFFIX}",
-        folder / f"{stem}.bin",
+        folder / f"{stem}{suffix}.safetensors",
+        folder / f"{stem}.safetensors.index{suffix}.json",
+        folder / f"{stem}{suffix}.bin",
     ):
         if candidate.is_file():
             return candidate
     raise CheckpointError(
-        f"no weights in {folder}: expected {stem}.safetensors or {stem}{SAFETENSORS_INDEX_SUFFIX}"
+        f"no weights in {folder}: expected {stem}{suffix}.safetensors or "
+        f"{stem}.safetensors.index{suffix}.json"
     )
+
+
+def detect_variant(folder: Path, stem: str) -> str | None:
+    """None when plain weights exist; else the one precision variant present (or an error)."""
+    if (folder / f"{stem}.safetensors").is_file() or (
+        folder / f"{stem}{SAFETENSORS_INDEX_SUFFIX}"
+    ).is_file():
+        return None
+    found = set()
+    for path in folder.glob(f"{stem}.*"):
+        parts = path.name[len(stem) + 1 :].split(".")
+        if parts[-1] == "safetensors" and len(parts) == 2 and "-of-" not in parts[0]:
+            found.add(parts[0])  # stem.VARIANT.safetensors
+        elif parts[:2] == ["safetensors", "index"] and len(parts) == 4 and parts[-1] == "json":
+            found.add(parts[2])  # stem.safetensors.index.VARIANT.json
+    if len(found) > 1:
+        raise CheckpointError(
+            f"{folder} holds several precision variants {sorted(found)}; choose one with variant="
+        )
+    return found.pop() if found else None
 
 
 def describe_mismatch(

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from fastsana.checkpoints.common import atomic_folder
+from fastsana.checkpoints.common import atomic_folder, detect_variant
 
 DEFAULT_MAX_LENGTH = 300
 
@@ -109,7 +109,11 @@ class TextEncoder:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
         model = AutoModel.from_pretrained(
-            str(text_encoder_dir), dtype=dtype, use_safetensors=True, local_files_only=True
+            str(text_encoder_dir),
+            dtype=dtype,
+            use_safetensors=True,
+            local_files_only=True,
+            variant=detect_variant(Path(text_encoder_dir), "model"),  # e.g. model.bf16.safetensors
         )
         return cls(model.to(device), tokenizer)
 
