@@ -267,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=cmd_convert)
 
     from fastsana.shapes.cli import add_shapes_commands
+    from fastsana.training.cli import add_train_commands
 
+    add_train_commands(sub)
     add_shapes_commands(sub)
     return parser
 

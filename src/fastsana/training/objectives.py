@@ -1,0 +1,129 @@
+"""The rectified-flow objective of the DiT, and the per-sample random draws it needs.
+
+For clean latents x0 (already multiplied by the autoencoder's scaling factor), noise ε and a
+noise level σ ∈ (0, 1):
+
+    x_σ = (1 − σ)·x0 + σ·ε,     target v = ε − x0,     loss = mean((v̂ − v)²)
+
+over all elements, unweighted. σ is logit-normal, u = sigmoid(N(m, s²)), then moved toward
+the noise end by the model's flow shift, σ = k·u / (1 + (k − 1)·u) (the same shift the
+sampler applies to its schedule). The network sees t = 1000·σ.
+
+Randomness per sample. Every random number a sample needs in one step (its noise, its σ,
+whether its caption is dropped, an autoencoder crop) comes from a generator seeded with
+``(seed, step, batch_index, key)``: ``key`` is the sample's file name and ``batch_index`` the
+position of its micro-batch in the step's global batch (micro-batch i of rank r of R is
+i·R + r, which is what one process accumulating R times as many micro-batches calls it). So
+one process and N processes training on the same global batch draw identical noise, and a
+resumed run redraws exactly what the interrupted one would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fastsana.sampling import NUM_TRAIN_TIMESTEPS, shift_sigmas
+
+
+def sample_generator(seed: int, step: int, batch_index: int, key: str) -> torch.Generator:
+    """A CPU generator that depends only on ``(seed, step, batch_index, key)``."""
+    key_id = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    entropy = [seed, step, batch_index, key_id]
+    state = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+@dataclass(frozen=True)
+class FlowDraws:
+    """The random inputs of one batch: noise like the latents, σ (B,), caption drop (B,)."""
+
+    noise: Tensor
+    sigmas: Tensor
+    drop_caption: Tensor
+
+
+def draw_flow_inputs(
+    keys: Sequence[str],
+    latent_shape: Sequence[int],
+    *,
+    seed: int,
+    step: int,
+    batch_index: int = 0,
+    flow_shift: float,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    caption_dropout: float = 0.1,
+) -> FlowDraws:
+    """Noise (B, *latent_shape), shifted logit-normal σ (B,) and caption-drop flags (B,).
+
+    Drawn on the CPU in float32 from each sample's own generator (see the module docstring).
+    """
+    noise, normals, uniforms = [], [], []
+    for key in keys:
+        g = sample_generator(seed, step, batch_index, key)
+        noise.append(torch.randn(tuple(latent_shape), generator=g))
+        normals.append(torch.randn((), generator=g))
+        uniforms.append(torch.rand((), generator=g))
+    u = torch.sigmoid(logit_mean + logit_std * torch.stack(normals))  # (B,)
+    return FlowDraws(
+        noise=torch.stack(noise),  # (B, C, h, w)
+        sigmas=shift_sigmas(u, flow_shift),  # (B,)
+        drop_caption=torch.stack(uniforms) < caption_dropout,  # (B,)
+    )
+
+
+def noisy_latents(x0: Tensor, noise: Tensor, sigmas: Tensor) -> Tensor:
+    """x_σ = (1 − σ)·x0 + σ·ε, σ broadcast over each sample."""
+    s = sigmas.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))  # (B, 1, 1, 1)
+    return (1 - s) * x0 + s * noise
+
+
+def flow_matching_loss(
+    model: nn.Module,
+    x0: Tensor,
+    text: Tensor,
+    text_mask: Tensor,
+    draws: FlowDraws,
+) -> Tensor:
+    """MSE between the model's velocity at x_σ and ε − x0, averaged over every element."""
+    noise = draws.noise.to(x0.device, x0.dtype)
+    sigmas = draws.sigmas.to(x0.device)
+    x_t = noisy_latents(x0, noise, sigmas)  # (B, C, h, w)
+    v = model(x_t, sigmas * NUM_TRAIN_TIMESTEPS, text, text_mask)  # (B, C, h, w)
+    return torch.mean((v.float() - (noise - x0).float()) ** 2)
+
+
+def drop_captions(
+    text: Tensor, mask: Tensor, null_text: Tensor, null_mask: Tensor, drop: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Replace the captions flagged in ``drop`` (B,) by the null caption (1, L', D).
+
+    The null caption is padded or cut to the batch's length L; only its masked-out tail is
+    touched, so nothing the model attends to changes.
+    """
+    length = text.shape[1]
+    if null_mask.shape[1] > length and bool(null_mask[:, length:].any()):
+        raise ValueError(
+            f"the null caption has {int(null_mask[0].sum())} tokens, more than the batch's "
+            f"length {length}; encode captions with at least as many tokens"
+        )
+    null_text = _fit_length(null_text, length).to(text.device, text.dtype)  # (1, L, D)
+    null_mask = _fit_length(null_mask, length).to(mask.device, mask.dtype)  # (1, L)
+    drop = drop.to(text.device)
+    text = torch.where(drop[:, None, None], null_text, text)  # (B, L, D)
+    mask = torch.where(drop[:, None], null_mask, mask)  # (B, L)
+    return text, mask
+
+
+def _fit_length(tensor: Tensor, length: int) -> Tensor:
+    """Cut or zero-pad dimension 1 to ``length``."""
+    if tensor.shape[1] >= length:
+        return tensor[:, :length]
+    padding = tensor.new_zeros((tensor.shape[0], length - tensor.shape[1], *tensor.shape[2:]))
+    return torch.cat([tensor, padding], dim=1)
