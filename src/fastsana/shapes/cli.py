@@ -1,4 +1,4 @@
-"""``fastsana shapes make`` and ``fastsana shapes bench``.
+"""``fastsana shapes make``, ``fastsana shapes bench`` and ``fastsana shapes text-encoder``.
 
 ``add_shapes_commands(subparsers)`` adds the ``shapes`` command to the main CLI's subparsers;
 each leaf command sets ``func``, which takes the parsed arguments and returns an exit code.
@@ -30,7 +30,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def add_shapes_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``shapes make`` and ``shapes bench`` to ``subparsers``; returns the ``shapes`` parser."""
+    """Add the ``shapes`` commands to ``subparsers``; returns the ``shapes`` parser."""
     shapes = subparsers.add_parser(
         "shapes", help="the Shapes synthetic world: make a dataset, run ShapesBench"
     )
@@ -73,6 +73,33 @@ def add_shapes_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
     bench.add_argument("--out", type=Path, default=None, help="write results.json/.md here")
     bench.add_argument("--save-images", action="store_true", help="also save images in --out")
     bench.set_defaults(func=_bench_command)
+
+    text = commands.add_parser(
+        "text-encoder",
+        help="train the Shapes text encoder (a small Gemma-2 LM) and its tokenizer",
+    )
+    text.add_argument(
+        "out", type=Path, help="pipeline folder: writes OUT/text_encoder and OUT/tokenizer"
+    )
+    text.add_argument("--steps", type=_positive_int, default=1500, help="training steps")
+    text.add_argument("--seed", type=_non_negative_int, default=0)
+    text.add_argument("--hidden", type=_positive_int, default=128, help="hidden size")
+    text.add_argument("--layers", type=_positive_int, default=2, help="decoder layers")
+    text.add_argument("--batch-size", type=_positive_int, default=64)
+    text.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    text.add_argument(
+        "--recall-window",
+        type=_non_negative_int,
+        default=3,
+        help="token-recall heads during training (0: a pure language model)",
+    )
+    text.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch threads (default 1: the model is too small to gain from more)",
+    )
+    text.set_defaults(func=_text_encoder_command)
     return shapes
 
 
@@ -110,6 +137,35 @@ def _bench_command(args: argparse.Namespace) -> int:
     print(result.to_markdown())
     if args.out is not None:
         print(f"results written to {args.out}")
+    return 0
+
+
+def _text_encoder_command(args: argparse.Namespace) -> int:
+    # Lazy: torch and transformers load only for this command.
+    from fastsana.shapes.text_model import make_text_encoder
+
+    summary = make_text_encoder(
+        args.out,
+        steps=args.steps,
+        seed=args.seed,
+        hidden_size=args.hidden,
+        layers=args.layers,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        recall_window=args.recall_window,
+        threads=args.threads,
+    )
+    before, after = summary["before"], summary["after"]
+    print(
+        f"text encoder: {summary['parameters']:,} parameters, vocabulary {summary['vocab_size']}, "
+        f"{args.steps} steps in {summary['train_seconds']:.0f} s "
+        f"({summary['steps_per_second']:.2f} steps/s)"
+    )
+    print(f"final training loss {summary['final_loss']:.4f}")
+    for name in after:
+        print(f"  {name:<20} {before[name]:>9.4f} -> {after[name]:.4f}")
+    for name, size in summary["files"].items():
+        print(f"  {args.out / name}  {size:,} bytes")
     return 0
 
 
