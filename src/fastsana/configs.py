@@ -49,12 +49,24 @@ class DiTConfig:
     self_attention: Literal["linear", "softmax"] = "linear"  # softmax: ablation only
 
     def __post_init__(self) -> None:
-        for name in ("in_channels", "out_channels", "hidden_size", "depth", "num_heads",
-                     "head_dim", "cross_num_heads", "cross_head_dim", "caption_channels",
-                     "patch_size", "sample_size"):  # fmt: skip
+        for name in (
+            "in_channels",
+            "out_channels",
+            "hidden_size",
+            "depth",
+            "num_heads",
+            "head_dim",
+            "cross_num_heads",
+            "cross_head_dim",
+            "caption_channels",
+            "patch_size",
+            "sample_size",
+        ):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0,
-                     f"DiTConfig.{name} must be a positive int, got {value!r}")  # fmt: skip
+            _require(
+                isinstance(value, int) and value > 0,
+                f"DiTConfig.{name} must be a positive int, got {value!r}",
+            )
         _require(
             self.num_heads * self.head_dim == self.hidden_size,
             f"DiTConfig: num_heads * head_dim ({self.num_heads} * {self.head_dim}) must equal "
@@ -218,8 +230,10 @@ class AutoencoderConfig:
     upsample: Literal["interpolate", "pixel_shuffle"] = (
         "interpolate"  # nearest+conv or conv+shuffle
     )
-    decoder_norm_types: tuple[AENormType, ...] = ("rms_norm",) * 6
-    decoder_act_fns: tuple[AEActivation, ...] = ("silu",) * 6
+    # Per decoder stage (ResBlock norm/activation, attention output norm); None: RMSNorm/SiLU
+    # everywhere (filled in by __post_init__, so configs compare equal either way).
+    decoder_norm_types: tuple[AENormType, ...] | None = None
+    decoder_act_fns: tuple[AEActivation, ...] | None = None
     encoder_out_shortcut: bool = True  # latent += channel-group mean of the last features
     decoder_in_shortcut: bool = True  # features += latent channels repeated
     decoder_out_act: AEActivation = "relu"  # between the final RMSNorm and the output conv
@@ -228,89 +242,128 @@ class AutoencoderConfig:
     def __post_init__(self) -> None:
         for name in ("in_channels", "latent_channels", "head_dim"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0,
-                     f"AutoencoderConfig.{name} must be a positive int, got {value!r}")  # fmt: skip
+            _require(
+                isinstance(value, int) and value > 0,
+                f"AutoencoderConfig.{name} must be a positive int, got {value!r}",
+            )
         stages = self.encoder_widths
-        _require(isinstance(stages, tuple) and len(stages) >= 1,
-                 f"AutoencoderConfig.encoder_widths must be a non-empty tuple, got {stages!r}")  # fmt: skip
+        _require(
+            isinstance(stages, tuple) and len(stages) >= 1,
+            f"AutoencoderConfig.encoder_widths must be a non-empty tuple, got {stages!r}",
+        )
         n = len(stages)
+        # Frozen dataclass: fill the None defaults once, here, so equality stays field-wise.
+        if self.decoder_norm_types is None:
+            object.__setattr__(self, "decoder_norm_types", ("rms_norm",) * n)
+        if self.decoder_act_fns is None:
+            object.__setattr__(self, "decoder_act_fns", ("silu",) * n)
         per_stage = {
-            "encoder_block_types": _AE_BLOCK_TYPES, "decoder_block_types": _AE_BLOCK_TYPES,
-            "encoder_widths": None, "decoder_widths": None,
-            "encoder_depths": None, "decoder_depths": None,
-            "encoder_qkv_multiscales": None, "decoder_qkv_multiscales": None,
-            "decoder_norm_types": _AE_NORM_TYPES, "decoder_act_fns": _AE_ACTIVATIONS,
-        }  # fmt: skip
+            "encoder_block_types": _AE_BLOCK_TYPES,
+            "decoder_block_types": _AE_BLOCK_TYPES,
+            "encoder_widths": None,
+            "decoder_widths": None,
+            "encoder_depths": None,
+            "decoder_depths": None,
+            "encoder_qkv_multiscales": None,
+            "decoder_qkv_multiscales": None,
+            "decoder_norm_types": _AE_NORM_TYPES,
+            "decoder_act_fns": _AE_ACTIVATIONS,
+        }
         for name, allowed in per_stage.items():
             value = getattr(self, name)
-            _require(isinstance(value, tuple) and len(value) == n,
-                     f"AutoencoderConfig.{name} must be a tuple with one entry per stage "
-                     f"({n}, like encoder_widths), got {value!r}")  # fmt: skip
+            _require(
+                isinstance(value, tuple) and len(value) == n,
+                f"AutoencoderConfig.{name} must be a tuple with one entry per stage "
+                f"({n}, like encoder_widths), got {value!r}",
+            )
             if allowed is not None:
                 for v in value:
                     _require(
                         v in allowed, f"AutoencoderConfig.{name}: {v!r} is not one of {allowed}"
                     )
         for name in ("encoder_widths", "decoder_widths"):
-            _require(all(isinstance(w, int) and w > 0 for w in getattr(self, name)),
-                     f"AutoencoderConfig.{name} must hold positive ints, "
-                     f"got {getattr(self, name)!r}")  # fmt: skip
+            _require(
+                all(isinstance(w, int) and w > 0 for w in getattr(self, name)),
+                f"AutoencoderConfig.{name} must hold positive ints, got {getattr(self, name)!r}",
+            )
         for name in ("encoder_depths", "decoder_depths"):
             depths = getattr(self, name)
-            _require(all(isinstance(d, int) and d >= 0 for d in depths),
-                     f"AutoencoderConfig.{name} must hold ints >= 0, got {depths!r}")  # fmt: skip
-            _require(all(d > 0 for d in depths[1:]),
-                     f"AutoencoderConfig.{name}: only stage 0 may have depth 0 (a stage without "
-                     f"blocks also loses its resampling layer), got {depths!r}")  # fmt: skip
+            _require(
+                all(isinstance(d, int) and d >= 0 for d in depths),
+                f"AutoencoderConfig.{name} must hold ints >= 0, got {depths!r}",
+            )
+            _require(
+                all(d > 0 for d in depths[1:]),
+                f"AutoencoderConfig.{name}: only stage 0 may have depth 0 (a stage without "
+                f"blocks also loses its resampling layer), got {depths!r}",
+            )
             _require(
                 n > 1 or depths[0] > 0,
                 f"AutoencoderConfig.{name}: a single stage needs depth > 0, got {depths!r}",
             )
         for name in ("encoder_qkv_multiscales", "decoder_qkv_multiscales"):
             for scales in getattr(self, name):
-                _require(isinstance(scales, tuple)
-                         and all(isinstance(k, int) and k > 0 and k % 2 == 1 for k in scales),
-                         f"AutoencoderConfig.{name} entries must be tuples of odd positive "
-                         f"kernel sizes, got {scales!r}")  # fmt: skip
-        _require(self.downsample in ("conv", "pixel_unshuffle"),
-                 f"AutoencoderConfig.downsample must be 'conv' or 'pixel_unshuffle', "
-                 f"got {self.downsample!r}")  # fmt: skip
-        _require(self.upsample in ("interpolate", "pixel_shuffle"),
-                 f"AutoencoderConfig.upsample must be 'interpolate' or 'pixel_shuffle', "
-                 f"got {self.upsample!r}")  # fmt: skip
-        _require(self.decoder_out_act in _AE_ACTIVATIONS,
-                 f"AutoencoderConfig.decoder_out_act must be one of {_AE_ACTIVATIONS}, "
-                 f"got {self.decoder_out_act!r}")  # fmt: skip
+                _require(
+                    isinstance(scales, tuple)
+                    and all(isinstance(k, int) and k > 0 and k % 2 == 1 for k in scales),
+                    f"AutoencoderConfig.{name} entries must be tuples of odd positive "
+                    f"kernel sizes, got {scales!r}",
+                )
+        _require(
+            self.downsample in ("conv", "pixel_unshuffle"),
+            f"AutoencoderConfig.downsample must be 'conv' or 'pixel_unshuffle', "
+            f"got {self.downsample!r}",
+        )
+        _require(
+            self.upsample in ("interpolate", "pixel_shuffle"),
+            f"AutoencoderConfig.upsample must be 'interpolate' or 'pixel_shuffle', "
+            f"got {self.upsample!r}",
+        )
+        _require(
+            self.decoder_out_act in _AE_ACTIVATIONS,
+            f"AutoencoderConfig.decoder_out_act must be one of {_AE_ACTIVATIONS}, "
+            f"got {self.decoder_out_act!r}",
+        )
         _require(
             isinstance(self.scaling_factor, (int, float)) and self.scaling_factor > 0,
             f"AutoencoderConfig.scaling_factor must be > 0, got {self.scaling_factor!r}",
         )
-        self._check_channels("encoder", self.encoder_widths, self.encoder_block_types,
-                             self.encoder_depths)  # fmt: skip
-        self._check_channels("decoder", self.decoder_widths, self.decoder_block_types,
-                             self.decoder_depths)  # fmt: skip
+        self._check_channels(
+            "encoder", self.encoder_widths, self.encoder_block_types, self.encoder_depths
+        )
+        self._check_channels(
+            "decoder", self.decoder_widths, self.decoder_block_types, self.decoder_depths
+        )
 
     def _check_channels(
         self, part: str, widths: tuple[int, ...], blocks: tuple[str, ...], depths: tuple[int, ...]
     ) -> None:
         """The space-to-channel shortcuts reshape channels, so widths must divide evenly."""
-        for i, (width, block, depth) in enumerate(zip(widths, blocks, depths)):
-            _require(block != "EfficientViTBlock" or depth == 0 or width % self.head_dim == 0,
-                     f"AutoencoderConfig.{part}_widths[{i}] = {width} must be a multiple of "
-                     f"head_dim ({self.head_dim}) for an EfficientViT stage")  # fmt: skip
+        for i, (width, block, depth) in enumerate(zip(widths, blocks, depths, strict=True)):
+            _require(
+                block != "EfficientViTBlock" or depth == 0 or width % self.head_dim == 0,
+                f"AutoencoderConfig.{part}_widths[{i}] = {width} must be a multiple of "
+                f"head_dim ({self.head_dim}) for an EfficientViT stage",
+            )
         for i in range(len(widths) - 1):
             # Down: the shortcut averages groups of the 4*w[i] unshuffled channels into w[i+1].
             # Up: it repeats the w[i+1] channels into 4*w[i] before the pixel shuffle.
-            _require((4 * widths[i]) % widths[i + 1] == 0,
-                     f"AutoencoderConfig.{part}_widths: 4 * width[{i}] ({4 * widths[i]}) must be "
-                     f"a multiple of width[{i + 1}] ({widths[i + 1]}) for the space-to-channel "
-                     f"shortcut")  # fmt: skip
-            _require(part == "decoder" or self.downsample == "conv" or widths[i + 1] % 4 == 0,
-                     f"AutoencoderConfig.encoder_widths[{i + 1}] ({widths[i + 1]}) must be a "
-                     f"multiple of 4 with downsample='pixel_unshuffle'")  # fmt: skip
-        _require(widths[-1] % self.latent_channels == 0,
-                 f"AutoencoderConfig.{part}_widths[-1] ({widths[-1]}) must be a multiple of "
-                 f"latent_channels ({self.latent_channels}) for the latent shortcut")  # fmt: skip
+            _require(
+                (4 * widths[i]) % widths[i + 1] == 0,
+                f"AutoencoderConfig.{part}_widths: 4 * width[{i}] ({4 * widths[i]}) must be "
+                f"a multiple of width[{i + 1}] ({widths[i + 1]}) for the space-to-channel "
+                f"shortcut",
+            )
+            _require(
+                part == "decoder" or self.downsample == "conv" or widths[i + 1] % 4 == 0,
+                f"AutoencoderConfig.encoder_widths[{i + 1}] ({widths[i + 1]}) must be a "
+                f"multiple of 4 with downsample='pixel_unshuffle'",
+            )
+        _require(
+            widths[-1] % self.latent_channels == 0,
+            f"AutoencoderConfig.{part}_widths[-1] ({widths[-1]}) must be a multiple of "
+            f"latent_channels ({self.latent_channels}) for the latent shortcut",
+        )
 
     @property
     def num_stages(self) -> int:

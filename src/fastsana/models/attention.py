@@ -1,6 +1,8 @@
 """Attention maths for the Linear DiT, as free functions on (B, N, heads·d) token tensors.
 
-These are the reference PyTorch paths; faster kernels must match them.
+``relu_linear_attention`` is the reference path, written like the formula; ``linear_attention``
+is what the model calls: it picks the fastest kernel for the device (today one fused PyTorch
+path for every device; a GPU kernel would plug in there) and must match the reference.
 """
 
 from __future__ import annotations
@@ -35,6 +37,46 @@ def relu_linear_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor
     den = (q * k_sum).sum(dim=-1, keepdim=True)  # (B, h, N, 1)
     out = num / (den + LINEAR_ATTENTION_EPS)  # (B, h, N, d)
     return out.transpose(1, 2).reshape(b, n, inner)  # (B, N, h·d)
+
+
+def fused_relu_linear_attention(
+    q: Tensor, k: Tensor, v: Tensor, heads: int, inplace: bool = False
+) -> Tensor:
+    """The same maths as ``relu_linear_attention`` with fewer passes over the (N, C) tokens.
+
+    The key sum Σ_m φ(k_m) is appended to φ(K)ᵀV as a (d+1)-th column, so one small matmul
+    gives numerator and denominator together (the official code pads V with a row of ones
+    instead, which copies all N tokens); the division writes straight into the (B, N, h·d)
+    layout, so no transposed copy is made. ``inplace=True`` applies ReLU in the caller's q and
+    k (inference only: they must be temporaries nobody reads again).
+    """
+    b, n, inner = q.shape
+    d = inner // heads
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    relu = F.relu_ if inplace else F.relu
+    q = relu(q).to(acc).view(b, n, heads, d)  # (B, N, h, d)
+    k = relu(k).to(acc).view(b, n, heads, d)  # (B, N, h, d)
+    v = v.to(acc).view(b, n, heads, d)  # (B, N, h, d)
+    kv = torch.einsum("bnhd,bnhe->bhde", k, v)  # (B, h, d, d)
+    k_sum = k.sum(dim=1).unsqueeze(-1)  # (B, h, d, 1)
+    kv = torch.cat([kv, k_sum], dim=-1)  # (B, h, d, d+1)
+    qkv = torch.einsum("bnhd,bhde->bnhe", q, kv)  # (B, N, h, d+1), possibly a strided view
+    num, den = qkv.split([d, 1], dim=-1)  # (B, N, h, d), (B, N, h, 1)
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():  # out= breaks both
+        return (num / (den + LINEAR_ATTENTION_EPS)).reshape(b, n, inner)  # (B, N, h·d)
+    out = torch.empty(b, n, heads, d, dtype=acc, device=q.device)  # (B, N, h, d) contiguous
+    torch.div(num, den + LINEAR_ATTENTION_EPS, out=out)  # (B, N, h, d)
+    return out.view(b, n, inner)  # (B, N, h·d)
+
+
+def linear_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, inplace: bool = False) -> Tensor:
+    """ReLU linear attention on (B, N, heads·d) tensors; returns fp32 (fp64 for fp64 input).
+
+    The kernel choice per device lives here so the model never branches on it.
+    """
+    if inplace and torch.is_grad_enabled():
+        raise ValueError("inplace=True is for inference only (torch.is_grad_enabled() is True)")
+    return fused_relu_linear_attention(q, k, v, heads, inplace=inplace)
 
 
 def softmax_attention(

@@ -9,7 +9,15 @@ No positional embedding (the 3×3 depthwise conv in Mix-FFN carries position), e
 the diffusers checkpoint layout, so a diffusers state dict loads key-for-key.
 
 Contract: ``model(x, t, text, text_mask, guidance=None) -> v`` with x (B, C, H, W), t (B,) in
-[0, 1000], text (B, L, caption_channels), text_mask (B, L) bool or 0/1; returns x's shape.
+[0, 1000], text (B, L, caption_channels), text_mask (B, L) bool or 0/1; returns x's shape in
+the model's dtype.
+
+Speed (see docs/benchmarks.md). Activations run in ``fastsana.runtime.matmul_dtype``: the
+model's dtype, except half-precision models on CPUs without native half matmuls, which compute
+in fp32 from their half-precision weights. Every module uses ``linear``, which casts the
+weight to the activations' dtype (a no-op when they agree). Under ``torch.no_grad()`` the
+blocks update their own temporaries in place instead of allocating (B, N, C) tensors; with
+autograd on they take the out-of-place path (same maths, tested equal).
 """
 
 from __future__ import annotations
@@ -24,15 +32,39 @@ from torch.utils.checkpoint import checkpoint
 from fastsana.configs import DiTConfig
 from fastsana.models.attention import (
     FP16_MAX,
+    linear_attention,
     mask_to_bias,
-    relu_linear_attention,
     softmax_attention,
 )
+from fastsana.models.ops import grouped_conv2d
+from fastsana.runtime import matmul_dtype
 
 TIMESTEP_CHANNELS = 256
 
 
 # --------------------------------------------------------------------------- embeddings
+
+
+def linear(x: Tensor, layer: nn.Linear | nn.Conv2d) -> Tensor:
+    """``layer`` applied to the last dim of ``x`` (1×1 convs too), with its weights cast to
+    x's dtype: lets half-precision weights feed fp32 activations without a model-wide copy."""
+    w = layer.weight.flatten(1) if layer.weight.dim() > 2 else layer.weight
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return F.linear(x, w.to(x.dtype), bias)
+
+
+def residual_add(x: Tensor, y: Tensor, gate: Tensor | None = None) -> Tensor:
+    """x + gate·y (x + y without a gate); in place on x when autograd is off."""
+    if torch.is_grad_enabled():
+        return x + y if gate is None else torch.addcmul(x, gate, y)
+    return x.add_(y) if gate is None else x.addcmul_(gate, y)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: x·(1 + scale) + shift in one pass (in place on x when autograd is off)."""
+    if torch.is_grad_enabled():
+        return torch.addcmul(shift, x, 1 + scale)
+    return torch.addcmul(shift, x, 1 + scale, out=x)
 
 
 def timestep_sinusoid(t: Tensor, channels: int = TIMESTEP_CHANNELS) -> Tensor:
@@ -76,7 +108,7 @@ class MLPEmbedder(nn.Module):
         self.linear_2 = nn.Linear(hidden, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear_2(self.act(self.linear_1(x)))
+        return linear(self.act(linear(x, self.linear_1)), self.linear_2)
 
 
 class TimestepConditioning(nn.Module):
@@ -107,7 +139,7 @@ class TimestepConditioning(nn.Module):
             temb = temb + self.guidance_embedder(timestep_sinusoid(guidance).to(dtype))  # (B, C)
         else:
             temb = self.emb["timestep_embedder"](timestep_sinusoid(t).to(dtype))  # (B, C)
-        return self.linear(F.silu(temb)), temb  # (B, 6C), (B, C)
+        return linear(F.silu(temb), self.linear), temb  # (B, 6C), (B, C)
 
 
 class RMSNorm(nn.Module):
@@ -120,7 +152,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)  # (..., 1)
-        return (x.float() * rms).to(self.weight.dtype) * self.weight  # (..., dim)
+        return (x.float() * rms).to(x.dtype) * self.weight.to(x.dtype)  # (..., dim)
 
 
 # ------------------------------------------------------------------------------- blocks
@@ -143,15 +175,17 @@ class SelfAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(c, c)])  # ModuleList: checkpoint key "to_out.0"
 
     def forward(self, x: Tensor) -> Tensor:
-        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)  # (B, N, C) each
+        q, k, v = linear(x, self.to_q), linear(x, self.to_k), linear(x, self.to_v)  # (B, N, C)
         if hasattr(self, "norm_q"):
             q, k = self.norm_q(q), self.norm_k(k)  # (B, N, C)
         if self.softmax:
             out = softmax_attention(q, k, v, self.heads)  # (B, N, C)
         else:
-            out = relu_linear_attention(q, k, v, self.heads)  # (B, N, C) fp32
-        out = self.to_out[0](out.to(x.dtype))  # (B, N, C)
-        if out.dtype == torch.float16:
+            # q and k are this call's temporaries: ReLU may overwrite them when not training.
+            out = linear_attention(q, k, v, self.heads, inplace=not torch.is_grad_enabled())
+        out = linear(out.to(x.dtype), self.to_out[0])  # (B, N, C)
+        if torch.float16 in (out.dtype, self.to_out[0].weight.dtype):
+            # fp16 checkpoints rely on this clip, also when we compute in fp32 for them.
             out = out.clamp(-FP16_MAX, FP16_MAX)
         return out
 
@@ -173,12 +207,12 @@ class CrossAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, c)])
 
     def forward(self, x: Tensor, text: Tensor, bias: Tensor | None) -> Tensor:
-        q = self.to_q(x)  # (B, N, inner)
-        k, v = self.to_k(text), self.to_v(text)  # (B, L, inner)
+        q = linear(x, self.to_q)  # (B, N, inner)
+        k, v = linear(text, self.to_k), linear(text, self.to_v)  # (B, L, inner)
         if hasattr(self, "norm_q"):
             q, k = self.norm_q(q), self.norm_k(k)
         out = softmax_attention(q, k, v, self.heads, bias)  # (B, N, inner)
-        return self.to_out[0](out)  # (B, N, C)
+        return linear(out, self.to_out[0])  # (B, N, C)
 
 
 class MixFFN(nn.Module):
@@ -198,22 +232,16 @@ class MixFFN(nn.Module):
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
         b, n, _ = x.shape
-        w_in, w_out = self.conv_inverted.weight, self.conv_point.weight
-        x = F.silu(F.linear(x, w_in.flatten(1), self.conv_inverted.bias))  # (B, N, 2h)
+        inplace = not torch.is_grad_enabled()  # the temporaries below are ours to overwrite
+        x = F.silu(linear(x, self.conv_inverted), inplace=inplace)  # (B, N, 2h)
         x = x.view(b, height, width, -1).permute(0, 3, 1, 2)  # (B, 2h, H, W) channels-last
-        x = self._depthwise(x).permute(0, 2, 3, 1)  # (B, H, W, 2h)
-        a, gate = x.chunk(2, dim=-1)  # (B, H, W, h) each
-        x = (a * F.silu(gate)).reshape(b, n, -1)  # (B, N, h)
-        return F.linear(x, w_out.flatten(1))  # (B, N, C)
+        x = self._depthwise(x).permute(0, 2, 3, 1)  # (B, H, W, 2h) contiguous
+        a, gate = x.chunk(2, dim=-1)  # (B, H, W, h) each, strided views
+        x = a * F.silu(gate, inplace=inplace)  # (B, H, W, h) contiguous
+        return linear(x.view(b, n, -1), self.conv_point)  # (B, N, C)
 
     def _depthwise(self, x: Tensor) -> Tensor:
-        conv = self.conv_depth
-        if x.device.type == "cpu" and x.dtype != torch.float32:
-            # PyTorch's CPU depthwise conv has no fast half-precision kernel (it falls back to
-            # one slow conv per channel, ~100× slower); in fp32 on channels-last it is fast.
-            w, bias = conv.weight.float(), conv.bias.float()
-            return F.conv2d(x.float(), w, bias, padding=1, groups=conv.groups).to(x.dtype)
-        return conv(x)
+        return grouped_conv2d(self.conv_depth, x)  # fast on CPU in half precision too
 
 
 class SanaBlock(nn.Module):
@@ -229,13 +257,15 @@ class SanaBlock(nn.Module):
         self, x: Tensor, t6: Tensor, text: Tensor, text_bias: Tensor | None, height: int, width: int
     ) -> Tensor:
         b, _, c = x.shape
-        mod = self.scale_shift_table[None] + t6.view(b, 6, c)  # (B, 6, C)
+        mod = (self.scale_shift_table[None] + t6.view(b, 6, c)).to(x.dtype)  # (B, 6, C)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:, :, None].unbind(1)
-        h = F.layer_norm(x, (c,), eps=self.eps) * (1 + scale_msa) + shift_msa  # (B, N, C)
-        x = x + gate_msa * self.attn1(h.to(x.dtype))  # (B, N, C)
-        x = x + self.attn2(x, text, text_bias)  # (B, N, C)
-        h = F.layer_norm(x, (c,), eps=self.eps) * (1 + scale_mlp) + shift_mlp  # (B, N, C)
-        return x + gate_mlp * self.ff(h.to(x.dtype), height, width)  # (B, N, C)
+        h = modulate(F.layer_norm(x, (c,), eps=self.eps), shift_msa, scale_msa)  # (B, N, C)
+        # The first residual makes a new tensor; the later ones may then update it in place
+        # (never the caller's x).
+        x = torch.addcmul(x, gate_msa, self.attn1(h))  # (B, N, C)
+        x = residual_add(x, self.attn2(x, text, text_bias))  # (B, N, C)
+        h = modulate(F.layer_norm(x, (c,), eps=self.eps), shift_mlp, scale_mlp)  # (B, N, C)
+        return residual_add(x, self.ff(h, height, width), gate_mlp)  # (B, N, C)
 
 
 # -------------------------------------------------------------------------------- model
@@ -248,7 +278,12 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(config.in_channels, config.hidden_size, p, stride=p)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        b, c, h, w = x.shape
+        p = self.proj.stride[0]
+        # Patches as token rows in the (c, py, px) order of the conv weight: one GEMM whose
+        # output is already (B, N, C) contiguous, instead of a conv and a transposed copy.
+        x = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, c, p, p)
+        return linear(x.reshape(b, (h // p) * (w // p), c * p * p), self.proj)  # (B, N, C)
 
 
 class SanaTransformer(nn.Module):
@@ -288,6 +323,7 @@ class SanaTransformer(nn.Module):
         guidance: Tensor | None = None,
     ) -> Tensor:
         cfg, dtype = self.config, self.dtype
+        work = matmul_dtype(x.device, dtype)  # activations' dtype (see the module docstring)
         b, _, height, width = x.shape
         p = cfg.patch_size
         self._check_inputs(x, text, text_mask)
@@ -296,15 +332,15 @@ class SanaTransformer(nn.Module):
         if guidance is not None:
             guidance = torch.as_tensor(guidance, device=x.device, dtype=torch.float32).expand(b)
 
-        tokens = self.patch_embed(x.to(dtype))  # (B, N, C)
+        tokens = self.patch_embed(x.to(work))  # (B, N, C)
         if cfg.interpolation_scale is not None:
             pos = sincos_pos_embed_2d(
                 gh, gw, cfg.hidden_size, cfg.sample_size // p, cfg.interpolation_scale, x.device
             )  # (1, N, C)
-            tokens = (tokens + pos).to(dtype)  # (B, N, C)
-        t6, temb = self.time_embed(t, guidance, dtype)  # (B, 6C), (B, C)
-        text = self.caption_norm(self.caption_projection(text.to(dtype)))  # (B, L, C)
-        text_bias = mask_to_bias(text_mask, dtype)  # (B, 1, 1, L) or None
+            tokens = (tokens + pos).to(work)  # (B, N, C)
+        t6, temb = self.time_embed(t, guidance, work)  # (B, 6C), (B, C)
+        text = self.caption_norm(self.caption_projection(text.to(work)))  # (B, L, C)
+        text_bias = mask_to_bias(text_mask, work)  # (B, 1, 1, L) or None
 
         for block in self.transformer_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -314,12 +350,13 @@ class SanaTransformer(nn.Module):
             else:
                 tokens = block(tokens, t6, text, text_bias, gh, gw)  # (B, N, C)
 
-        shift, scale = (self.scale_shift_table[None] + temb[:, None]).unbind(1)  # (B, C) each
-        tokens = F.layer_norm(tokens, (cfg.hidden_size,), eps=1e-6)  # (B, N, C)
-        tokens = tokens * (1 + scale[:, None]) + shift[:, None]  # (B, N, C)
-        out = self.proj_out(tokens.to(dtype))  # (B, N, p·p·C_out)
+        table = (self.scale_shift_table[None] + temb[:, None]).to(work)  # (B, 2, C)
+        shift, scale = table[:, :, None].unbind(1)  # (B, 1, C) each
+        tokens = modulate(F.layer_norm(tokens, (cfg.hidden_size,), eps=1e-6), shift, scale)
+        out = linear(tokens, self.proj_out)  # (B, N, p·p·C_out)
         out = out.view(b, gh, gw, p, p, cfg.out_channels)  # (B, gh, gw, p, p, C_out)
-        return out.permute(0, 5, 1, 3, 2, 4).reshape(b, cfg.out_channels, height, width)
+        out = out.permute(0, 5, 1, 3, 2, 4).reshape(b, cfg.out_channels, height, width)
+        return out.to(dtype)  # (B, C_out, H, W)
 
     def _check_inputs(self, x: Tensor, text: Tensor, text_mask: Tensor | None) -> None:
         cfg = self.config

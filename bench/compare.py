@@ -1,0 +1,222 @@
+"""``python -m bench compare``: ours against diffusers, side by side, one component at a time.
+
+DiT forward and DC-AE decode run both implementations in this process on the same inputs,
+interleaved. The whole pipeline runs each implementation in its own subprocess (one after the
+other), so each process's peak RSS is that pipeline's peak memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from bench import measure, models
+
+IMPLS = ("ours", "diffusers")
+SLOW_S = 30.0  # a warm-up call slower than this: one timed repeat (keeps runs to minutes)
+
+
+@dataclass
+class Row:
+    """One measured configuration: both implementations, same inputs."""
+
+    component: str  # "dit" | "dcae" | "pipeline"
+    model: str
+    dtype: str
+    pixels: int
+    repeats: int
+    seconds: dict[str, float]  # median per implementation
+    all_seconds: dict[str, list[float]]
+    peak_mib: dict[str, float]  # RSS increase during the call (DiT, DC-AE) or process peak
+    flops: float | None  # per call, counted on our model (same maths as the reference)
+    max_rel_diff: float | None  # max|ours − ref| / max|ref| on the timed inputs
+    load_average: float
+    notes: str = ""
+
+    @property
+    def speedup(self) -> float:
+        return self.seconds["diffusers"] / self.seconds["ours"]
+
+
+def _rel_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    ours, ref = ours.float(), ref.float()
+    return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _run_pair(
+    component: str,
+    model: str,
+    dtype_name: str,
+    pixels: int,
+    calls: dict[str, Callable[[], torch.Tensor]],
+    repeats: int,
+    flops: float | None,
+    notes: str = "",
+) -> Row:
+    with torch.no_grad():
+        outputs, warm = {}, {}
+        for name, fn in calls.items():  # warm-up, also the parity check
+            t0 = time.perf_counter()
+            outputs[name] = fn()
+            warm[name] = time.perf_counter() - t0
+        diff = _rel_diff(outputs["ours"], outputs["diffusers"])
+        del outputs
+        if max(warm.values()) > SLOW_S and repeats > 1:
+            notes = (notes + "; " if notes else "") + "slow case: 1 repeat"
+            repeats = 1
+        timings = measure.interleaved(calls, repeats, warmup=0)
+    return Row(
+        component=component,
+        model=model,
+        dtype=dtype_name,
+        pixels=pixels,
+        repeats=repeats,
+        seconds={k: t.median for k, t in timings.items()},
+        all_seconds={k: [round(s, 4) for s in t.times] for k, t in timings.items()},
+        peak_mib={k: round(t.peak_delta / 2**20, 1) for k, t in timings.items()},
+        flops=flops,
+        max_rel_diff=diff,
+        load_average=measure.load_average(),
+        notes=notes,
+    )
+
+
+def dit_flops(config, pixels: int) -> float:
+    """FLOPs of our forward, counted on meta tensors (nothing is computed)."""
+    with torch.device("meta"):
+        model = models.SanaTransformer(config)
+    inputs = models.dit_inputs(config, pixels, device="meta")
+    return float(measure.count_flops(models.dit_call(model, "ours", inputs, torch.float32)))
+
+
+def dcae_flops(config, latents: torch.Tensor) -> float:
+    with torch.device("meta"):
+        ae = models.DCAE(config)
+    meta_latents = latents.to("meta")
+    return float(measure.count_flops(lambda: ae.decode(meta_latents, tiled=False)))
+
+
+def compare_dit(
+    model: str,
+    dtype_name: str,
+    sizes: list[int],
+    repeats: int | Callable[[int], int],
+    depth: int | None = None,
+    log: Callable[[str], None] = print,
+    compile_ours: bool = False,
+) -> list[Row]:
+    """``compile_ours``: wrap our model in ``torch.compile`` (compilation happens in the
+    untimed warm-up call)."""
+    dtype = models.DTYPES[dtype_name]
+    config = models.dit_config(model, depth=depth)
+    label = model if depth is None else f"{model} (first {depth} blocks)"
+    if compile_ours:
+        label += ", ours torch.compile'd"
+    nets = {which: models.build_dit(config, which, dtype) for which in IMPLS}
+    if compile_ours:
+        nets["ours"] = torch.compile(nets["ours"])
+    rows = []
+    for pixels in sizes:
+        inputs = models.dit_inputs(config, pixels)
+        calls = {w: models.dit_call(nets[w], w, inputs, dtype) for w in IMPLS}
+        n = repeats(pixels) if callable(repeats) else repeats
+        log(f"dit {label} {dtype_name} {pixels}px ×{n} …")
+        row = _run_pair("dit", label, dtype_name, pixels, calls, n, dit_flops(config, pixels))
+        log(_summary(row))
+        rows.append(row)
+    del nets
+    gc.collect()
+    return rows
+
+
+def compare_dcae(
+    dtype_name: str,
+    sizes: list[int],
+    repeats: int,
+    log: Callable[[str], None] = print,
+) -> list[Row]:
+    """DC-AE decode through ``bench/dcae.py``'s worker (owned by the DC-AE work): each decode
+    runs in a fresh subprocess, so its peak RSS is that configuration's (weights included).
+    Repeats alternate the order of the implementations. The two models get different random
+    weights there (torch default init), so no output comparison is made here; the DC-AE
+    parity tests cover it."""
+    from bench import dcae
+
+    config = models.ae_config()
+    rows = []
+    for pixels in sizes:
+        side = pixels // models.AE_FACTOR
+        flops = dcae_flops(config, torch.zeros(1, config.latent_channels, side, side))
+        runs: dict[str, list[dict]] = {w: [] for w in IMPLS}
+        for i in range(repeats):
+            for which in IMPLS if i % 2 == 0 else reversed(IMPLS):
+                log(f"dcae {which} {dtype_name} {pixels}px (repeat {i + 1}/{repeats}) …")
+                spec = {"impl": which, "preset": models.AE_MODEL, "dtype": dtype_name,
+                        "size": pixels, "tiled": False}  # fmt: skip
+                runs[which].append(dcae.run_worker(spec))
+        row = Row(
+            component="dcae",
+            model=models.AE_MODEL,
+            dtype=dtype_name,
+            pixels=pixels,
+            repeats=repeats,
+            seconds={w: statistics.median(r["seconds"] for r in runs[w]) for w in IMPLS},
+            all_seconds={w: [round(r["seconds"], 3) for r in runs[w]] for w in IMPLS},
+            peak_mib={w: round(max(r["peak_gb"] for r in runs[w]) * 1024, 1) for w in IMPLS},
+            flops=flops,
+            max_rel_diff=None,
+            load_average=measure.load_average(),
+            notes="peak = process peak RSS during the decode, weights included (bench/dcae.py)",
+        )
+        log(_summary(row))
+        rows.append(row)
+    return rows
+
+
+def compare_pipeline(
+    model: str, dtype_name: str, pixels: int, steps: int, log: Callable[[str], None] = print
+) -> Row:
+    """Each implementation in a fresh subprocess (``python -m bench.pipeline_run``)."""
+    results = {}
+    for which in IMPLS:
+        log(f"pipeline {which} {model} {dtype_name} {pixels}px {steps} steps …")
+        cmd = [sys.executable, "-m", "bench.pipeline_run", which, model, dtype_name,
+               str(pixels), str(steps), str(torch.get_num_threads())]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+        results[which] = json.loads(done.stdout.strip().splitlines()[-1])
+        log(f"  {which}: {results[which]}")
+    row = Row(
+        component="pipeline",
+        model=f"{model} + {models.AE_MODEL}",
+        dtype=dtype_name,
+        pixels=pixels,
+        repeats=1,
+        seconds={w: r["total_s"] for w, r in results.items()},
+        all_seconds={w: [r["total_s"]] for w, r in results.items()},
+        peak_mib={w: round(r["max_rss"] / 2**20, 1) for w, r in results.items()},
+        flops=None,
+        max_rel_diff=None,
+        load_average=measure.load_average(),
+        notes=json.dumps({"steps": steps, "parts": results}),
+    )
+    log(_summary(row))
+    return row
+
+
+def _summary(row: Row) -> str:
+    o, d = row.seconds["ours"], row.seconds["diffusers"]
+    return (
+        f"  ours {o:.3f}s  diffusers {d:.3f}s  ×{d / o:.2f}  "
+        f"rel.diff {row.max_rel_diff if row.max_rel_diff is not None else '-'}  "
+        f"load {row.load_average}"
+    )

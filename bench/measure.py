@@ -1,0 +1,208 @@
+"""How things are measured: wall time (interleaved), peak memory, FLOPs, the GEMM peak, and
+the machine they were measured on."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def current_rss() -> int:
+    """Resident set size of this process in bytes (now, not the process maximum)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def release_free_memory() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise), so that the RSS before
+    a call is its live memory and the increase during the call is what the call needs."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: keep the RSS as it is
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class PeakRSS:
+    """Samples RSS every ``interval`` s in a thread while the block runs; ``peak_delta`` is the
+    largest increase over the RSS at entry. (``ru_maxrss`` cannot do this: it is the maximum
+    over the whole process life.) torch ops release the GIL, so the thread keeps sampling."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        release_free_memory()
+        self.start = self.peak = current_rss()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        self.peak = max(self.peak, current_rss())
+
+    @property
+    def peak_delta(self) -> int:
+        return self.peak - self.start
+
+
+def max_rss() -> int:
+    """The process's lifetime peak RSS in bytes (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+@dataclass
+class Timing:
+    times: list[float] = field(default_factory=list)  # seconds, one per repeat
+    peak_delta: int = 0  # bytes above the RSS before the call, max over repeats
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, Timing]:
+    """Time each callable ``repeats`` times, alternating between them (A B, B A, A B …) so a
+    drift in machine load hits all of them alike. Warm-up calls are not timed."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    result = {name: Timing() for name in names}
+    for i in range(repeats):
+        for name in names if i % 2 == 0 else reversed(names):
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                fns[name]()
+                elapsed = time.perf_counter() - t0
+            result[name].times.append(elapsed)
+            result[name].peak_delta = max(result[name].peak_delta, mem.peak_delta)
+    return result
+
+
+# ------------------------------------------------------------------------------- FLOPs
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call (matmuls, convs, attention), counted by torch's FlopCounterMode.
+
+    Run it on meta tensors to count without computing. Uses ``no_grad``: the counter fails
+    under ``inference_mode``."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ------------------------------------------------------------------------------ peaks
+
+
+def gemm_peak(dtype: torch.dtype, size: int = 2048, budget_s: float = 10.0) -> dict[str, float]:
+    """Best FLOP/s of a square ``size``³ matmul in ``dtype`` (3 timed repeats).
+
+    If a 512³ probe predicts one ``size``³ product takes longer than ``budget_s`` (half
+    precision without hardware support), the size is halved until it fits, and reported."""
+    probe = torch.randn(512, 512, dtype=torch.float32).to(dtype)
+    probe @ probe
+    fastest = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        probe @ probe
+        fastest = min(fastest, time.perf_counter() - t0)
+    rate = 2 * 512**3 / max(fastest, 1e-9)
+    while size > 256 and 2 * size**3 / rate > budget_s:
+        size //= 2
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return {"size": size, "seconds": best, "flops_per_s": 2 * size**3 / best}
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_features() -> str:
+    """The SIMD features that decide matmul speed, as torch sees them."""
+    cpu = torch.cpu
+    flags = {
+        "AVX2": cpu._is_avx2_supported(),
+        "AVX-512": cpu._is_avx512_supported(),
+        "AVX512-BF16": cpu._is_avx512_bf16_supported(),
+        "AMX": cpu._is_amx_tile_supported(),
+        "VNNI": cpu._is_vnni_supported(),
+    }
+    return ", ".join(name for name, present in flags.items() if present) or "none"
+
+
+def machine_description() -> dict[str, object]:
+    load1, load5, load15 = os.getloadavg()
+    desc: dict[str, object] = {
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30, 1),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average_at_start": [round(load1, 2), round(load5, 2), round(load15, 2)],
+    }
+    try:
+        import diffusers
+
+        desc["diffusers"] = diffusers.__version__
+    except ImportError:
+        desc["diffusers"] = None
+    return desc
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
