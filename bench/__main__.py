@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=list(models.DTYPES), default="fp32")
     s.add_argument("--budget", type=float, default=60.0, help="max seconds per softmax call")
     s.add_argument("--no-write", action="store_true")
+    s.add_argument("--replot", action="store_true", help="redraw the plot from benchmarks.json")
 
     f = sub.add_parser("profile", help="where the DiT forward spends its time")
     f.add_argument("--model", default="sana-0.6b")
@@ -113,6 +114,11 @@ def cmd_compare(args: argparse.Namespace, command: str) -> None:
 def cmd_scaling(args: argparse.Namespace, command: str) -> None:
     from bench import scaling
 
+    if args.replot:
+        import json
+
+        scaling.plot(json.loads(report.JSON_PATH.read_text())["scaling"]["results"])
+        return
     machine = measure.machine_description()
     results = scaling.run_scaling(args.depth, args.dtype, args.budget, tqdm.write)
     body = (

@@ -98,10 +98,13 @@ def dit_flops(config, pixels: int) -> float:
 
 
 def dcae_flops(config, latents: torch.Tensor) -> float:
-    with torch.device("meta"):
-        ae = models.DCAE(config)
-    meta_latents = latents.to("meta")
-    return float(measure.count_flops(lambda: ae.decode(meta_latents, tiled=False)))
+    """Decoder FLOPs for ``latents``' size: counted on CPU for a 2×2 latent (the decoder uses
+    autocast, which the meta device lacks) and scaled by area — every layer's cost (convs,
+    linear attention) is proportional to the number of pixels."""
+    ae = models.DCAE(config).eval()
+    small = torch.zeros(1, config.latent_channels, 2, 2)
+    counted = measure.count_flops(lambda: ae.decode(small, tiled=False))
+    return float(counted) * latents.shape[-2] * latents.shape[-1] / 4
 
 
 def compare_dit(
