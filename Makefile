@@ -21,8 +21,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
+# The main job: an image from the embedded default model (src/fastsana/assets/sana-shapes).
 demo: $(VENV)/.installed
-	$(BIN)/fastsana demo
+	$(BIN)/fastsana generate "a red circle to the left of a blue square" -o demo.png --seed 0
 
 test: $(VENV)/.installed-test
 	HF_HUB_OFFLINE=1 $(BIN)/ruff check src tests bench

@@ -8,6 +8,8 @@ same pixels (max abs difference ≤ 2e-3 in [0, 1]).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tiny_text import make_text_components
@@ -209,3 +211,31 @@ def test_pil_output_and_defaults(ours) -> None:
 def test_bad_arguments(ours, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ours(PROMPTS[0], progress=False, **kwargs)
+
+
+def test_model_defaults_choose_the_caption_encoding(ours, reference, tmp_path) -> None:
+    """A model trained on bare, short captions (the Shapes model) says so in its folder: a
+    reloaded pipeline then encodes prompts like diffusers with complex_human_instruction=None
+    and that max_sequence_length, without being told."""
+    shapes_like = SanaPipeline(
+        ours.transformer,
+        ours.vae,
+        ours.text_encoder,
+        dataclasses.replace(ours.defaults, instruction=False, max_sequence_length=24),
+    )
+    loaded = SanaPipeline.from_pretrained(shapes_like.save_pretrained(tmp_path / "p"))
+    assert loaded.defaults == shapes_like.defaults
+    settings = dict(height=256, width=256, num_inference_steps=3, guidance_scale=4.5)
+    expected = _reference_images(
+        reference[0],
+        PROMPTS[0],
+        seed=4,
+        complex_human_instruction=None,
+        max_sequence_length=24,
+        **settings,
+    )
+    got = loaded(PROMPTS[0], seed=4, output_type="pt", progress=False, **settings)
+    assert (got - expected).abs().max().item() <= TOLERANCE
+    # The comparison can fail: the SANA encoding (instruction, 300 tokens) differs.
+    sana = ours(PROMPTS[0], seed=4, output_type="pt", progress=False, **settings)
+    assert (sana - expected).abs().max().item() > 10 * TOLERANCE

@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 
-import fastsana.shapes.cli as shapes_cli
 from fastsana.shapes.analyser import Detection
 from fastsana.shapes.bench import (
     CATEGORIES,
     PromptSpec,
     bench_prompts,
     ground_truth_generator,
+    prompts_per_category,
     run_bench,
     score_prompt,
 )
@@ -158,25 +158,33 @@ def test_generate_must_return_one_image_per_prompt():
         run_bench(lambda prompts, seeds: [], images_per_prompt=1, progress=False)
 
 
-def test_cli_bench_ground_truth(tmp_path, capsys, monkeypatch):
+def test_cli_bench_ground_truth(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_shapes_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["shapes", "bench", "--ground-truth"])
     assert args.images_per_prompt == 4 and args.steps == 20 and args.sampler == "flow_dpm"
+    assert parser.parse_args(["shapes", "bench"]).model is None  # the embedded model
     with pytest.raises(SystemExit):
-        parser.parse_args(["shapes", "bench"])  # needs --model or --ground-truth
+        parser.parse_args(["shapes", "bench", "--ground-truth", "--model", "m"])
 
-    # Run the command on a small prompt subset to keep the test fast.
-    specs = bench_prompts()[:3]
-    full_run = shapes_cli.run_bench
-    monkeypatch.setattr(
-        shapes_cli,
-        "run_bench",
-        lambda generate, **kw: full_run(generate, prompts=specs, progress=False, **kw),
-    )
+    # A balanced subset (one prompt per category and set) keeps the test fast.
     argv = ["shapes", "bench", "--ground-truth", "--images-per-prompt", "2", "--out", str(tmp_path)]
-    args = parser.parse_args([*argv, "--save-images"])
+    args = parser.parse_args([*argv, "--save-images", "--prompts-per-category", "1"])
     assert args.func(args) == 0
-    assert json.loads((tmp_path / "results.json").read_text())["overall"] == 1.0
-    assert len(list((tmp_path / "images").glob("*.png"))) == 2 * len({s.text for s in specs})
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["overall"] == 1.0 and results["held_out_overall"] == 1.0
+    texts = {s.text for s in prompts_per_category(bench_prompts(), 1)}
+    assert len(list((tmp_path / "images").glob("*.png"))) == 2 * len(texts)
     assert "ShapesBench" in capsys.readouterr().out
+
+
+def test_prompts_per_category_keeps_a_balanced_prefix():
+    specs = bench_prompts()
+    subset = prompts_per_category(specs, 2)
+    counts = collections.Counter((s.category, s.held_out) for s in subset)
+    assert set(counts) == {(s.category, s.held_out) for s in specs}
+    assert set(counts.values()) == {2}
+    assert subset == [s for s in specs if s in subset]  # order kept
+    assert prompts_per_category(specs, 1000) == specs
+    with pytest.raises(ValueError, match="prompts per category must be >= 1"):
+        prompts_per_category(specs, 0)

@@ -9,7 +9,12 @@ import torch
 from torch import nn
 from train_helpers import one_thread  # noqa: F401 (autouse fixture)
 
-from fastsana.training.ae_losses import PatchDiscriminator, gaussian_window, ssim
+from fastsana.training.ae_losses import (
+    PatchDiscriminator,
+    gaussian_window,
+    reconstruction_loss,
+    ssim,
+)
 from fastsana.training.config import EMAConfig, OptimizerConfig, ScheduleConfig
 from fastsana.training.ema import EMA
 from fastsana.training.objectives import (
@@ -215,3 +220,16 @@ def test_ssim_matches_its_definition():
 def test_patch_discriminator_shape():
     logits = PatchDiscriminator(3, 8, 3)(torch.randn(2, 3, 64, 64))
     assert logits.shape == (2, 1, 6, 6)
+
+
+def test_reconstruction_loss_weights_its_terms():
+    torch.manual_seed(0)
+    x, recon = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    l1 = np.abs((recon - x).numpy()).mean()
+    mse = np.square((recon - x).numpy()).mean()
+    loss, parts = reconstruction_loss(x, recon, l1_weight=0.5, ssim_weight=0.0, mse_weight=2.0)
+    assert math.isclose(loss.item(), 0.5 * l1 + 2.0 * mse, rel_tol=1e-5)
+    assert math.isclose(parts["mse"], mse, rel_tol=1e-5) and "ssim" not in parts
+    loss, parts = reconstruction_loss(x, recon, l1_weight=0.0, ssim_weight=1.0)
+    assert math.isclose(loss.item(), 1 - ssim(recon, x).item(), rel_tol=1e-5)
+    assert "mse" not in parts

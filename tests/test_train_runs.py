@@ -35,7 +35,8 @@ from fastsana.training.ae_losses import PatchDiscriminator
 from fastsana.training.cache import CachedLatentDataset
 from fastsana.training.checkpointing import TensorReader, latest_checkpoint
 from fastsana.training.components import read_null_caption
-from fastsana.training.config import LoRAConfig, load_config
+from fastsana.training.config import LoRAConfig, ModelConfig, load_config
+from fastsana.training.config_parse import ConfigError
 from fastsana.training.data import ImageFolderDataset
 from fastsana.training.metrics import plot_loss, read_log
 from fastsana.training.model_setup import build_autoencoder, build_transformer
@@ -166,6 +167,49 @@ def test_images_on_the_fly_with_validation_export_and_generation(world):
     assert pipe.defaults.flow_shift == 3.0  # the preset's, used for training
     image = pipe("a red circle", num_inference_steps=2, seed=0, progress=False)[0]
     assert image.size == (256, 256)
+
+
+def test_bare_caption_models_export_their_encoding(world, tmp_path):
+    """A cache of bare captions (--no-instruction) trains a model whose exported pipeline
+    encodes prompts the same way by default; a config that disagrees with its cache is
+    refused before any training."""
+    _, data, paths, _ = world
+    argv = ["cache", str(data), str(tmp_path / "bare"), "--vae", str(paths.vae)]
+    argv += ["--text-encoder", str(paths.text_encoder), "--tokenizer", str(paths.tokenizer)]
+    argv += ["--base-size", "256", "--text-max-length", "12", "--no-instruction"]
+    assert fastsana_main([*argv, "--device", "cpu"]) == 0
+    encoder = TextEncoder.from_pretrained(paths.text_encoder, paths.tokenizer)
+    sample = CachedLatentDataset(tmp_path / "bare")[0]
+    with torch.no_grad():
+        emb, mask = encoder.encode([sample["caption"]], instruction=None, max_length=12)
+    assert torch.equal(sample["text_mask"], mask[0])
+    kept = mask[0].bool()
+    torch.testing.assert_close(sample["text_embeds"][kept], emb[0][kept], rtol=1e-5, atol=1e-5)
+
+    sections = dict(
+        data={"cache_dir": str(tmp_path / "bare"), "batch_size": 2},
+        schedule={"max_steps": 2},
+        export={"on_finish": True},
+    )
+    mismatched = dit_config(tmp_path / "refused", paths, **sections)
+    with pytest.raises(ConfigError, match=r"instruction=False, but model\.text_max_length=16"):
+        train(load_config(data=mismatched))
+    model = {"text_max_length": 12, "text_instruction": False, "sampling": {"guidance_scale": 3}}
+    summary = train(
+        load_config(data=dit_config(tmp_path / "bare-run", paths, model=model, **sections))
+    )
+    pipe = SanaPipeline.from_pretrained(summary.export_dir, device="cpu")
+    assert (pipe.defaults.instruction, pipe.defaults.max_sequence_length) == (False, 12)
+    assert pipe.defaults.guidance_scale == 3.0
+    cond, _ = pipe.encode_prompt(sample["caption"], guidance=False)
+    torch.testing.assert_close(cond.text, emb)
+
+
+def test_sampling_overrides_are_checked():
+    with pytest.raises(ConfigError, match=r"set model\.text_instruction instead"):
+        build_transformer(ModelConfig(preset="sana-tiny", sampling={"instruction": False}), 0)
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.sampling\.cfg'"):
+        ModelConfig(preset="sana-tiny", sampling={"cfg": 2})
 
 
 def test_corrupt_images_are_skipped_and_counted(world, tmp_path):

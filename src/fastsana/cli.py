@@ -127,8 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import random
 
     from fastsana.images import make_grid, save_png
-    from fastsana.models.text_encoder import DEFAULT_INSTRUCTION
-    from fastsana.pipeline import SanaPipeline, default_model_path
+    from fastsana.pipeline import MODEL_DEFAULT, SanaPipeline, default_model_path
 
     prompts = read_prompts(args)
     height, width = parse_size(args.size) if args.size else (None, None)
@@ -138,9 +137,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.batch < 1:
         raise UsageError(f"--batch must be ≥ 1, got {args.batch}")
     model = args.model or default_model_path()
-    pipe = SanaPipeline.from_pretrained(model, dtype=parse_dtype(args.dtype), device=args.device)
+    pipe = SanaPipeline.from_pretrained(
+        model, dtype=parse_dtype(args.dtype), device=args.device, quantize=args.quantize
+    )
     settings = pipe.resolve(height, width, args.steps, args.guidance, args.sampler, args.seed)
     seed = settings.seed if settings.seed is not None else random.randrange(2**31)
+    use_instruction = pipe.defaults.instruction and not args.no_instruction
 
     images, records = [], []
     per_call = max(1, args.max_batch // args.batch)
@@ -158,7 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             sampler=settings.sampler,
             num_images_per_prompt=args.batch,
             use_resolution_binning=not args.no_binning,
-            complex_human_instruction=None if args.no_instruction else DEFAULT_INSTRUCTION,
+            complex_human_instruction=None if args.no_instruction else MODEL_DEFAULT,
         )
         for i, prompt in enumerate(p for p in chunk for _ in range(args.batch)):
             records.append(
@@ -173,8 +175,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
                     "guidance_scale": settings.guidance_scale,
                     "sampler": settings.sampler,
                     "flow_shift": settings.flow_shift,
-                    "complex_human_instruction": not args.no_instruction,
+                    "complex_human_instruction": use_instruction,
                     "model": str(model),
+                    "quantize": args.quantize,
                 }
             )
     if args.grid:
@@ -187,6 +190,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def add_generate_command(sub: argparse._SubParsersAction) -> None:
+    from fastsana.quantize import QUANTIZATION_MODES
     from fastsana.sampling import SAMPLERS
 
     gen = sub.add_parser(
@@ -227,9 +231,17 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
         help="weights dtype (default: bf16 on CUDA, fp32 on CPU)",
     )
     gen.add_argument(
+        "--quantize",
+        choices=list(QUANTIZATION_MODES),
+        default=None,
+        help="w8a8: int8 weights and activations in the transformer's linear layers "
+        "(int8 matmuls: meant for CUDA, much slower than fp32 on CPU; default: off)",
+    )
+    gen.add_argument(
         "--no-instruction",
         action="store_true",
-        help="encode the prompt without the complex human instruction",
+        help="encode the prompt without the complex human instruction "
+        "(models trained without one never use it)",
     )
     gen.add_argument(
         "--no-binning",

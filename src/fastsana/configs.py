@@ -8,6 +8,7 @@ The CLI takes its ``--preset`` choices from ``DIT_PRESETS``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -99,6 +100,34 @@ class SamplingDefaults:
     guidance_scale: float = 4.5
     flow_shift: float = 3.0
     sampler: Literal["flow_dpm", "flow_euler"] = "flow_dpm"
+    # How prompts are encoded: with the complex human instruction (SANA's Gemma models), and
+    # padded to this many tokens. A model trained on bare captions (the Shapes model) turns
+    # the instruction off; the caption length is a cost knob for cross-attention.
+    instruction: bool = True
+    max_sequence_length: int = 300
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.steps, int) and self.steps >= 1,
+            f"SamplingDefaults.steps must be an int >= 1, got {self.steps!r}",
+        )
+        _require(
+            math.isfinite(self.guidance_scale) and self.guidance_scale >= 0,
+            f"SamplingDefaults.guidance_scale must be >= 0, got {self.guidance_scale!r}",
+        )
+        _require(
+            math.isfinite(self.flow_shift) and self.flow_shift > 0,
+            f"SamplingDefaults.flow_shift must be > 0, got {self.flow_shift!r}",
+        )
+        _require(
+            self.sampler in ("flow_dpm", "flow_euler"),
+            f"SamplingDefaults.sampler must be 'flow_dpm' or 'flow_euler', got {self.sampler!r}",
+        )
+        _require(
+            isinstance(self.max_sequence_length, int) and self.max_sequence_length >= 1,
+            "SamplingDefaults.max_sequence_length must be an int >= 1, "
+            f"got {self.max_sequence_length!r}",
+        )
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from fastsana.configs import SamplingDefaults
 from fastsana.models.dcae import DCAE
 from fastsana.models.dit import SanaTransformer
 from fastsana.models.text_encoder import DEFAULT_INSTRUCTION, Instruction, TextEncoder
+from fastsana.quantize import QUANTIZATION_MODES, quantize_w8a8
 from fastsana.resolution import MAX_SIDE, SUPPORTED_BASE_SIZES, bin_for, resize_and_center_crop
 from fastsana.sampling import (
     SAMPLERS,
@@ -43,6 +44,18 @@ _HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.json", "*/*.safetenso
 
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "sana-shapes"
+
+
+class _ModelDefault:
+    """Marks an argument the model's ``SamplingDefaults`` decides (see ``MODEL_DEFAULT``)."""
+
+    def __repr__(self) -> str:
+        return "MODEL_DEFAULT"
+
+
+# ``complex_human_instruction=MODEL_DEFAULT`` (the default): SANA's instruction when the model
+# was trained with it (``SamplingDefaults.instruction``), none when it was trained on bare text.
+MODEL_DEFAULT = _ModelDefault()
 
 
 def default_model_path() -> Path:
@@ -104,12 +117,20 @@ class SanaPipeline:
         path_or_hub_id: str | os.PathLike[str],
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        *,
+        quantize: str | None = None,
         **kwargs: object,
     ) -> SanaPipeline:
         """Load a diffusers-format pipeline folder, or download one by Hub id when online.
 
         ``dtype=None``: bf16 on CUDA, fp32 on CPU. ``device=None``: CUDA when available.
+        ``quantize="w8a8"``: int8 weights and activations in the transformer's linear layers
+        (see ``fastsana.quantize``).
         """
+        if quantize is not None and quantize not in QUANTIZATION_MODES:
+            raise ValueError(
+                f"quantize must be None or one of {', '.join(QUANTIZATION_MODES)}, got {quantize!r}"
+            )
         folder = _locate_pipeline(path_or_hub_id)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -118,6 +139,8 @@ class SanaPipeline:
         if missing:
             raise CheckpointError(f"{folder} is not a SANA pipeline folder: missing {missing}")
         transformer = load_transformer(folder / "transformer", dtype=dtype, device=device)
+        if quantize == "w8a8":
+            quantize_w8a8(transformer)
         vae = load_autoencoder(folder / "vae", dtype=dtype, device=device)
         text_encoder = TextEncoder.from_pretrained(
             folder / "text_encoder", folder / "tokenizer", dtype=dtype, device=device
@@ -148,6 +171,8 @@ class SanaPipeline:
                     "steps": self.defaults.steps,
                     "guidance_scale": self.defaults.guidance_scale,
                     "sampler": self.defaults.sampler,
+                    "instruction": self.defaults.instruction,
+                    "max_sequence_length": self.defaults.max_sequence_length,
                 },
                 "transformer": ["diffusers", "SanaTransformer2DModel"],
                 "vae": ["diffusers", "AutoencoderDC"],
@@ -174,10 +199,13 @@ class SanaPipeline:
         self,
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] = "",
-        complex_human_instruction: Instruction | None = DEFAULT_INSTRUCTION,
+        complex_human_instruction: Instruction | _ModelDefault | None = MODEL_DEFAULT,
         guidance: bool = True,
+        max_sequence_length: int | None = None,
     ) -> tuple[TextCondition, TextCondition | None]:
-        """Text conditions for the prompts and (when guiding) the negative prompts."""
+        """Text conditions for the prompts and (when guiding) the negative prompts.
+
+        ``max_sequence_length``: caption tokens (default: the model's, 300 for SANA)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = (
             [negative_prompt] * len(prompts)
@@ -189,10 +217,19 @@ class SanaPipeline:
                 f"negative_prompt must be a string or a list of {len(prompts)} strings, "
                 f"got {len(negatives)}"
             )
+        if isinstance(complex_human_instruction, _ModelDefault):
+            complex_human_instruction = DEFAULT_INSTRUCTION if self.defaults.instruction else None
+        length = max_sequence_length or self.defaults.max_sequence_length
         encoder = self.text_encoder.to(self.device)
-        emb, mask = encoder.encode(prompts, instruction=complex_human_instruction)
+        emb, mask = encoder.encode(
+            prompts, instruction=complex_human_instruction, max_length=length
+        )
         cond = TextCondition(emb, mask)
-        uncond = TextCondition(*encoder.encode_negative(negatives)) if guidance else None
+        uncond = (
+            TextCondition(*encoder.encode_negative(negatives, max_length=length))
+            if guidance
+            else None
+        )
         if self._should_offload():
             encoder.offload()
         return cond, uncond
@@ -212,7 +249,8 @@ class SanaPipeline:
         sampler: str | None = None,
         num_images_per_prompt: int = 1,
         use_resolution_binning: bool = True,
-        complex_human_instruction: Instruction | None = DEFAULT_INSTRUCTION,
+        complex_human_instruction: Instruction | _ModelDefault | None = MODEL_DEFAULT,
+        max_sequence_length: int | None = None,
         output_type: str = "pil",
         progress: bool = True,
     ) -> list[Image.Image] | Tensor:
@@ -236,7 +274,7 @@ class SanaPipeline:
 
         guide = settings.guidance_scale != 1.0
         cond, uncond = self.encode_prompt(
-            prompts, negative_prompt, complex_human_instruction, guide
+            prompts, negative_prompt, complex_human_instruction, guide, max_sequence_length
         )
         cond = _repeat(cond, num_images_per_prompt)
         uncond = _repeat(uncond, num_images_per_prompt) if uncond is not None else None
@@ -367,6 +405,8 @@ def _read_defaults(scheduler_config: Path, index: dict) -> SamplingDefaults:
         guidance_scale=float(ours.get("guidance_scale", base.guidance_scale)),
         flow_shift=float(shift),
         sampler=ours.get("sampler", base.sampler),
+        instruction=bool(ours.get("instruction", base.instruction)),
+        max_sequence_length=int(ours.get("max_sequence_length", base.max_sequence_length)),
     )
 
 

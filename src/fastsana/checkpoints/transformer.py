@@ -280,6 +280,13 @@ def save_transformer(
 ) -> Path:
     """Write ``model`` as a diffusers transformer folder (config.json + safetensors)."""
     folder = Path(folder)
+    with torch.device("meta"):
+        plain = SanaTransformer(model.config).state_dict().keys()
+    if model.state_dict().keys() != plain:  # e.g. W8A8 layers: int8 buffers no loader reads
+        raise CheckpointError(
+            "save_transformer: the model's parameters are not a plain SanaTransformer's "
+            "(quantised?); save the float model and quantise after loading (quantize='w8a8')"
+        )
     state = {
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
         for k, v in model.state_dict().items()

@@ -184,6 +184,21 @@ def bench_prompts() -> list[PromptSpec]:
     return specs
 
 
+def prompts_per_category(specs: Sequence[PromptSpec], n: int) -> list[PromptSpec]:
+    """The first ``n`` prompts of every category, main and held-out sets apart: a smaller,
+    still balanced benchmark for sweeps whose full cost is too high (report it as such)."""
+    if n < 1:
+        raise ValueError(f"prompts per category must be >= 1, got {n}")
+    seen: dict[tuple[str, bool], int] = {}
+    kept = []
+    for spec in specs:
+        key = (spec.category, spec.held_out)
+        if seen.get(key, 0) < n:
+            seen[key] = seen.get(key, 0) + 1
+            kept.append(spec)
+    return kept
+
+
 def ground_truth_generator(size: int = 256) -> Generate:
     """A "generator" that renders exactly what each prompt asks for (a sanity check)."""
 

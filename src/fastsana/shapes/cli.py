@@ -11,7 +11,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from fastsana.shapes.bench import Generate, ground_truth_generator, run_bench
+from fastsana.shapes.bench import (
+    Generate,
+    bench_prompts,
+    ground_truth_generator,
+    prompts_per_category,
+    run_bench,
+)
 from fastsana.shapes.dataset import make_dataset
 
 
@@ -52,8 +58,10 @@ def add_shapes_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
     make.set_defaults(func=_make_command)
 
     bench = commands.add_parser("bench", help="score a model (or the ground truth) on ShapesBench")
-    source = bench.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", type=Path, help="a saved fastsana SanaPipeline folder")
+    source = bench.add_mutually_exclusive_group()
+    source.add_argument(
+        "--model", type=Path, help="a pipeline folder (default: the embedded default model)"
+    )
     source.add_argument(
         "--ground-truth",
         action="store_true",
@@ -61,6 +69,12 @@ def add_shapes_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
     )
     bench.add_argument("--images-per-prompt", type=_positive_int, default=4)
     bench.add_argument("--seed", type=_non_negative_int, default=0)
+    bench.add_argument(
+        "--prompts-per-category",
+        type=_positive_int,
+        default=None,
+        help="score only the first N prompts of each category (main and held-out sets)",
+    )
     bench.add_argument("--steps", type=_positive_int, default=20, help="sampling steps")
     bench.add_argument("--sampler", default="flow_dpm")
     bench.add_argument(
@@ -68,7 +82,10 @@ def add_shapes_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
     )
     bench.add_argument("--batch-size", type=_positive_int, default=8)
     bench.add_argument(
-        "--size", type=_positive_int, default=256, help="image side for --ground-truth"
+        "--size",
+        type=_positive_int,
+        default=None,
+        help="image side (default: 256 for --ground-truth, else the model's native size)",
     )
     bench.add_argument("--out", type=Path, default=None, help="write results.json/.md here")
     bench.add_argument("--save-images", action="store_true", help="also save images in --out")
@@ -121,13 +138,23 @@ def _bench_command(args: argparse.Namespace) -> int:
     if args.save_images and args.out is None:
         raise SystemExit("shapes bench: --save-images needs --out")
     if args.ground_truth:
-        generate = ground_truth_generator(args.size)
+        generate = ground_truth_generator(args.size or 256)
     else:
+        from fastsana.pipeline import default_model_path
+
         generate = pipeline_generator(
-            args.model, steps=args.steps, sampler=args.sampler, guidance=args.guidance
+            args.model or default_model_path(),
+            steps=args.steps,
+            sampler=args.sampler,
+            guidance=args.guidance,
+            size=args.size,
         )
+    prompts = bench_prompts()
+    if args.prompts_per_category is not None:
+        prompts = prompts_per_category(prompts, args.prompts_per_category)
     result = run_bench(
         generate,
+        prompts=prompts,
         images_per_prompt=args.images_per_prompt,
         seed=args.seed,
         out_dir=args.out,
@@ -170,13 +197,26 @@ def _text_encoder_command(args: argparse.Namespace) -> int:
 
 
 def pipeline_generator(
-    model_dir: Path, *, steps: int, sampler: str, guidance: float | None
+    model_dir: Path,
+    *,
+    steps: int,
+    sampler: str,
+    guidance: float | None,
+    size: int | None = None,
 ) -> Generate:
-    """ShapesBench generator backed by ``fastsana.SanaPipeline`` (the only pipeline wiring)."""
+    """ShapesBench generator backed by ``fastsana.SanaPipeline`` (the only pipeline wiring).
+    ``size``: image side (default: the model's native size)."""
     from fastsana import SanaPipeline  # lazy: loads torch and the model only when benchmarking
 
     pipe = SanaPipeline.from_pretrained(model_dir)
-    options: dict = {"num_inference_steps": steps, "sampler": sampler, "output_type": "pil"}
+    options: dict = {
+        "num_inference_steps": steps,
+        "sampler": sampler,
+        "output_type": "pil",
+        "height": size,
+        "width": size,
+        "progress": False,  # the benchmark shows its own progress bar
+    }
     if guidance is not None:
         options["guidance_scale"] = guidance
 

@@ -61,12 +61,18 @@ def ssim(x: Tensor, y: Tensor) -> Tensor:
 
 
 def reconstruction_loss(
-    x: Tensor, recon: Tensor, l1_weight: float, ssim_weight: float
+    x: Tensor, recon: Tensor, l1_weight: float, ssim_weight: float, mse_weight: float = 0.0
 ) -> tuple[Tensor, dict[str, float]]:
-    """l1_weight·|x − x̂| + ssim_weight·(1 − SSIM(x, x̂)); also returns the parts for logging."""
-    l1 = (recon.float() - x.float()).abs().mean()
+    """l1_weight·|x − x̂| + mse_weight·(x − x̂)² + ssim_weight·(1 − SSIM(x, x̂)), means over
+    pixels; also returns the parts for logging."""
+    error = recon.float() - x.float()
+    l1 = error.abs().mean()
     loss = l1_weight * l1
     parts = {"l1": float(l1.detach())}
+    if mse_weight > 0:
+        mse = error.square().mean()
+        loss = loss + mse_weight * mse
+        parts["mse"] = float(mse.detach())
     if ssim_weight > 0:
         s = ssim(recon, x)
         loss = loss + ssim_weight * (1 - s)

@@ -131,7 +131,9 @@ class AETask:
             with no_gradient_sync(self.part.module, i < n - 1):
                 with autocast(env.device, self.config.model.precision):
                     recon = self.part.module(x)  # (B, 3, s, s)
-                    loss, parts = reconstruction_loss(x, recon, cfg.l1_weight, cfg.ssim_weight)
+                    loss, parts = reconstruction_loss(
+                        x, recon, cfg.l1_weight, cfg.ssim_weight, cfg.mse_weight
+                    )
                     if adversarial:
                         # The unwrapped discriminator: its gradients from this pass are
                         # discarded below, and DDP must not reduce them.

@@ -47,6 +47,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         base_size=args.base_size,
         batch_size=args.batch_size,
         text_max_length=args.text_max_length,
+        instruction=not args.no_instruction,
         device=args.device,
         dtype=parse_dtype(args.dtype),
     )
@@ -111,6 +112,12 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     cache.add_argument("--base-size", type=int, default=512, help="bucket base size (default 512)")
     cache.add_argument("--batch-size", type=int, default=16)
     cache.add_argument("--text-max-length", type=int, default=300, help="caption tokens (300)")
+    cache.add_argument(
+        "--no-instruction",
+        action="store_true",
+        help="encode bare captions, without the complex human instruction "
+        "(train with model.text_instruction: false)",
+    )
     cache.add_argument(
         "--dtype",
         choices=["fp32", "bf16", "fp16"],

@@ -17,7 +17,13 @@ from typing import Any, Literal
 
 import yaml
 
-from fastsana.configs import AE_PRESETS, DIT_PRESETS, AutoencoderConfig, DiTConfig
+from fastsana.configs import (
+    AE_PRESETS,
+    DIT_PRESETS,
+    AutoencoderConfig,
+    DiTConfig,
+    SamplingDefaults,
+)
 from fastsana.training.config_parse import (
     ConfigError,
     apply_overrides,
@@ -60,6 +66,12 @@ class ModelConfig:
     text_encoder: str | None = None  # text-encoder folder (overrides the pipeline's)
     tokenizer: str | None = None  # tokenizer folder (overrides the pipeline's)
     text_max_length: int = 300  # caption tokens when encoding on the fly
+    # Prefix captions with the complex human instruction (SANA's Gemma recipe); a text encoder
+    # trained on bare captions (Shapes) turns it off. Exported pipelines remember both.
+    text_instruction: bool = True
+    # SamplingDefaults fields set over the preset's (steps, guidance_scale, sampler), written
+    # into exported pipelines as the model's defaults.
+    sampling: dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing: bool = False
     precision: Literal["fp32", "bf16"] = "bf16"  # autocast dtype; master weights stay fp32
 
@@ -67,6 +79,7 @@ class ModelConfig:
         _check(self.text_max_length >= 1, "model.text_max_length must be >= 1")
         # Field names and types are checked now; the values with the preset when it is built.
         convert_fields(DiTConfig, self.dit, "model.dit")
+        convert_fields(SamplingDefaults, self.sampling, "model.sampling")
         convert_fields(AutoencoderConfig, self.ae, "model.ae")
 
 
@@ -131,6 +144,9 @@ class AELossConfig:
     """Reconstruction loss of the autoencoder (task ae)."""
 
     l1_weight: float = 1.0
+    # Squared error: where most pixels are background (Shapes), L1 is minimised early by
+    # painting the background colour everywhere (its median); MSE pays for every missed object.
+    mse_weight: float = 0.0
     ssim_weight: float = 0.5  # weight of 1 − SSIM (11×11 Gaussian window, σ = 1.5)
     adversarial_weight: float = 0.0  # hinge GAN term with a patch discriminator; 0 = off
     adversarial_start_step: int = 0  # the discriminator joins at this step
@@ -141,11 +157,11 @@ class AELossConfig:
     scaling_factor_batches: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("l1_weight", "ssim_weight", "adversarial_weight"):
+        for name in ("l1_weight", "mse_weight", "ssim_weight", "adversarial_weight"):
             _non_negative(getattr(self, name), f"ae_loss.{name}")
         _check(
-            self.l1_weight + self.ssim_weight > 0,
-            "ae_loss: l1_weight + ssim_weight must be > 0 (the reconstruction term)",
+            self.l1_weight + self.mse_weight + self.ssim_weight > 0,
+            "ae_loss: l1_weight + mse_weight + ssim_weight must be > 0 (the reconstruction term)",
         )
         _check(self.adversarial_start_step >= 0, "ae_loss.adversarial_start_step must be >= 0")
         _check(self.discriminator_channels >= 1, "ae_loss.discriminator_channels must be >= 1")

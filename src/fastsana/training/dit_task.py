@@ -23,6 +23,7 @@ from torch import Tensor
 from fastsana.checkpoints.common import load_state_dict_into
 from fastsana.configs import SamplingDefaults
 from fastsana.models.dit import SanaTransformer
+from fastsana.models.text_encoder import DEFAULT_INSTRUCTION
 from fastsana.pipeline import SanaPipeline
 from fastsana.training import lora
 from fastsana.training.cache import CachedLatentDataset
@@ -34,6 +35,7 @@ from fastsana.training.components import (
     read_null_caption,
 )
 from fastsana.training.config import TrainConfig
+from fastsana.training.config_parse import ConfigError
 from fastsana.training.distributed import DistEnv, no_gradient_sync, wrap
 from fastsana.training.loader import build_batches
 from fastsana.training.model_setup import arch_dict, build_transformer, flow_shift_for
@@ -46,6 +48,20 @@ logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _check_cache_text(info: dict[str, Any], config: TrainConfig) -> None:
+    """The cache's captions must be encoded as the config says: the exported pipeline encodes
+    prompts that way (caches written before these fields existed used SANA's defaults)."""
+    cached = (info.get("text_max_length", 300), info.get("instruction", True))
+    wanted = (config.model.text_max_length, config.model.text_instruction)
+    if cached != wanted:
+        raise ConfigError(
+            f"data.cache_dir holds captions encoded with text_max_length={cached[0]}, "
+            f"instruction={cached[1]}, but model.text_max_length={wanted[0]}, "
+            f"model.text_instruction={wanted[1]}: set these to match the cache (or re-cache "
+            "with --text-max-length / --no-instruction)"
+        )
+
+
 class DiTTask:
     def __init__(self, config: TrainConfig, env: DistEnv) -> None:
         self.config = config
@@ -54,6 +70,8 @@ class DiTTask:
         cached = config.data.cache_dir is not None
         cache_info = self.batches.dataset.info if cached else None
         paths = component_paths(config.model, cache_info)
+        if cache_info is not None:
+            _check_cache_text(cache_info["info"], config)
         # Rank 0 decodes validation images and writes the export; every rank encodes on the fly.
         needs_pipeline = env.is_main and (
             bool(config.validation.prompts) or config.export.on_finish
@@ -139,7 +157,9 @@ class DiTTask:
             mask = batch["text_mask"].to(device)  # (B, L)
         else:
             text, mask = self.text_encoder.encode(
-                batch["captions"], max_length=cfg.model.text_max_length
+                batch["captions"],
+                instruction=DEFAULT_INSTRUCTION if cfg.model.text_instruction else None,
+                max_length=cfg.model.text_max_length,
             )
         return x0 * self.scaling_factor, text.float(), mask
 

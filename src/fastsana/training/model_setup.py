@@ -43,7 +43,7 @@ from fastsana.training.checkpointing import (
     resolve_checkpoint,
 )
 from fastsana.training.config import ModelConfig
-from fastsana.training.config_parse import convert_fields
+from fastsana.training.config_parse import ConfigError, convert_fields
 
 DEFAULT_FLOW_SHIFT = 3.0  # SANA's training and sampling shift for its released models
 
@@ -76,12 +76,25 @@ def read_checkpoint_weights(
 
 
 def dit_config_for(model: ModelConfig) -> tuple[DiTConfig | None, SamplingDefaults]:
-    """The preset's DiT config with ``model.dit`` applied (None without a preset)."""
+    """The preset's DiT config with ``model.dit`` applied (None without a preset), and the
+    sampling defaults an exported pipeline gets: the preset's, then ``model.sampling``, with
+    the caption encoding the model is trained with."""
+    overrides = convert_fields(SamplingDefaults, model.sampling, "model.sampling")
+    for name, owner in (
+        ("instruction", "text_instruction"),
+        ("max_sequence_length", "text_max_length"),
+    ):
+        if name in overrides:
+            raise ConfigError(f"set model.{owner} instead of model.sampling.{name}")
+    overrides.update(instruction=model.text_instruction, max_sequence_length=model.text_max_length)
     if model.preset is None:
-        return None, SamplingDefaults()
+        return None, SamplingDefaults(**overrides)
     preset = DIT_PRESETS[model.preset]
     fields = convert_fields(DiTConfig, model.dit, "model.dit")
-    return dataclasses.replace(preset.config, **fields), preset.sampling
+    return (
+        dataclasses.replace(preset.config, **fields),
+        dataclasses.replace(preset.sampling, **overrides),
+    )
 
 
 def build_transformer(model: ModelConfig, seed: int) -> tuple[SanaTransformer, SamplingDefaults]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from fastsana.models.text_encoder import DEFAULT_INSTRUCTION
 from fastsana.training.cache import CacheSummary, write_cache
 from fastsana.training.components import (
     ComponentPaths,
@@ -32,6 +33,7 @@ def cache_dataset(
     base_size: int,
     batch_size: int = 16,
     text_max_length: int = 300,
+    instruction: bool = True,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
@@ -39,6 +41,8 @@ def cache_dataset(
     """Encode ``folder`` into ``cache_dir`` (resumable; see ``write_cache``).
 
     ``dtype``: what the tensors are stored as (bf16 halves the cache); encoding runs in fp32.
+    ``instruction``: prefix captions with the complex human instruction (as training on the
+    fly does with ``model.text_instruction``).
     """
     if paths.vae is None:
         raise ValueError("cache: the autoencoder is needed (--vae or --pipeline)")
@@ -46,11 +50,13 @@ def cache_dataset(
     vae = load_frozen_vae(paths.vae, device)
     encoder = load_frozen_text_encoder(paths, device)
 
+    chi = DEFAULT_INSTRUCTION if instruction else None
+
     def encode_images(pixels: torch.Tensor) -> torch.Tensor:
         return vae.encode(pixels.to(device)).to(dtype).cpu()  # unscaled latents
 
     def encode_text(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        emb, mask = encoder.encode(texts, max_length=text_max_length)
+        emb, mask = encoder.encode(texts, instruction=chi, max_length=text_max_length)
         return emb.to(dtype).cpu(), mask.cpu()
 
     info = {
@@ -60,6 +66,7 @@ def cache_dataset(
         "scaling_factor": vae.scaling_factor,
         "latents": "unscaled",
         "text_max_length": text_max_length,
+        "instruction": instruction,
         "dtype": str(dtype).removeprefix("torch."),
     }
     summary = write_cache(

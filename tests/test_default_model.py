@@ -1,0 +1,65 @@
+"""The embedded default model: shipped, small, fp16, loads, and draws what it is asked.
+
+These tests run the real shipped weights (src/fastsana/assets/sana-shapes). The quality check
+scores a fixed balanced slice of ShapesBench with the deterministic analyser, so a broken
+model, a broken loader or a broken sampler each make it fail; the threshold sits well below
+the measured full-benchmark score (docs/shapes.md).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from fastsana.cli import main
+from fastsana.images import read_png_metadata
+from fastsana.pipeline import SanaPipeline, default_model_path
+from fastsana.shapes.bench import bench_prompts, prompts_per_category, run_bench
+from fastsana.shapes.cli import pipeline_generator
+
+MAX_BYTES = 40 * 2**20
+
+
+@pytest.fixture(scope="module")
+def pipe() -> SanaPipeline:
+    return SanaPipeline.from_pretrained(default_model_path(), device="cpu")
+
+
+def test_shipped_folder_is_small_fp16_safetensors() -> None:
+    folder = default_model_path()
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "SanaPipeline"
+    weights = sorted(folder.glob("*/*.safetensors"))
+    assert {w.parent.name for w in weights} == {"transformer", "vae", "text_encoder"}
+    assert sum(w.stat().st_size for w in weights) <= MAX_BYTES
+    for path in weights:
+        with safe_open(path, "pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+        assert dtypes == {"F16"}, (path, dtypes)
+
+
+def test_defaults_describe_the_shapes_model(pipe: SanaPipeline) -> None:
+    assert pipe.native_size == 512
+    assert pipe.defaults.instruction is False  # its text encoder never saw an instruction
+    assert pipe.defaults.max_sequence_length == 24
+    assert pipe.transformer.config.caption_channels == pipe.text_encoder.hidden_size
+
+
+def test_it_draws_what_it_is_asked(pipe: SanaPipeline) -> None:
+    """One image for the first prompt of every ShapesBench category at the model's defaults
+    (20 Flow-DPM steps, CFG): most must be judged correct by the analyser."""
+    specs = prompts_per_category([s for s in bench_prompts() if not s.held_out], 2)
+    generate = pipeline_generator(default_model_path(), steps=20, sampler="flow_dpm", guidance=None)
+    result = run_bench(generate, prompts=specs, images_per_prompt=1, progress=False)
+    assert result.overall >= 0.5, result.to_markdown()
+
+
+def test_generate_without_model_uses_it(tmp_path, capsys) -> None:
+    out = tmp_path / "img.png"
+    argv = ["generate", "a red circle to the left of a blue square", "-o", str(out)]
+    assert main([*argv, "--steps", "2", "--seed", "0", "--size", "1024x1024"]) == 0
+    meta = read_png_metadata(out)
+    assert meta["model"] == str(default_model_path())
+    assert meta["size"] == "1024x1024" and meta["complex_human_instruction"] is False
