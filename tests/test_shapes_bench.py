@@ -188,3 +188,26 @@ def test_prompts_per_category_keeps_a_balanced_prefix():
     assert prompts_per_category(specs, 1000) == specs
     with pytest.raises(ValueError, match="prompts per category must be >= 1"):
         prompts_per_category(specs, 0)
+
+
+def test_cli_bench_through_an_autoencoder(tmp_path, capsys):
+    """Renders pass through the autoencoder: an untrained one destroys them (the option is
+    applied), and the option is refused without --ground-truth."""
+    import torch
+
+    from fastsana.checkpoints.autoencoder import save_autoencoder
+    from fastsana.configs import ae_preset
+    from fastsana.models.dcae import DCAE
+
+    torch.manual_seed(0)
+    save_autoencoder(DCAE(ae_preset("dc-ae-tiny")), tmp_path / "vae")
+    parser = argparse.ArgumentParser()
+    add_shapes_commands(parser.add_subparsers(dest="command", required=True))
+    argv = ["shapes", "bench", "--ground-truth", "--size", "128", "--images-per-prompt", "1"]
+    argv += ["--prompts-per-category", "1", "--out", str(tmp_path / "r")]
+    args = parser.parse_args([*argv, "--through-autoencoder", str(tmp_path / "vae")])
+    assert args.func(args) == 0
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["overall"] < 0.5
+    args = parser.parse_args(["shapes", "bench", "--through-autoencoder", str(tmp_path / "vae")])
+    with pytest.raises(SystemExit, match="needs --ground-truth"):
+        args.func(args)

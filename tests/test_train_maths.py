@@ -24,7 +24,7 @@ from fastsana.training.objectives import (
     noisy_latents,
 )
 from fastsana.training.optim import build_optimizer, lr_factor
-from fastsana.training.parts import Part
+from fastsana.training.parts import Part, autocast_enabled
 
 KEYS = [f"img{i:05d}.png" for i in range(3000)]
 
@@ -233,3 +233,14 @@ def test_reconstruction_loss_weights_its_terms():
     loss, parts = reconstruction_loss(x, recon, l1_weight=0.0, ssim_weight=1.0)
     assert math.isclose(loss.item(), 1 - ssim(recon, x).item(), rel_tol=1e-5)
     assert "mse" not in parts
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    from fastsana import runtime
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_enabled(cpu, "bf16") and not autocast_enabled(cpu, "fp32")
+    assert autocast_enabled(cuda, "auto")  # GPUs multiply bf16 natively
+    for native in (True, False):
+        monkeypatch.setattr(runtime, "_cpu_has_fast_half", lambda dtype, n=native: n)
+        assert autocast_enabled(cpu, "auto") is native

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from fastsana.shapes.bench import (
@@ -87,6 +88,14 @@ def add_shapes_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
         default=None,
         help="image side (default: 256 for --ground-truth, else the model's native size)",
     )
+    bench.add_argument(
+        "--through-autoencoder",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="with --ground-truth: encode and decode each render with this autoencoder folder "
+        "(the best score a model using it can reach)",
+    )
     bench.add_argument("--out", type=Path, default=None, help="write results.json/.md here")
     bench.add_argument("--save-images", action="store_true", help="also save images in --out")
     bench.set_defaults(func=_bench_command)
@@ -139,6 +148,10 @@ def _bench_command(args: argparse.Namespace) -> int:
         raise SystemExit("shapes bench: --save-images needs --out")
     if args.ground_truth:
         generate = ground_truth_generator(args.size or 256)
+        if args.through_autoencoder is not None:
+            generate = autoencoder_round_trip(generate, args.through_autoencoder)
+    elif args.through_autoencoder is not None:
+        raise SystemExit("shapes bench: --through-autoencoder needs --ground-truth")
     else:
         from fastsana.pipeline import default_model_path
 
@@ -194,6 +207,26 @@ def _text_encoder_command(args: argparse.Namespace) -> int:
     for name, size in summary["files"].items():
         print(f"  {args.out / name}  {size:,} bytes")
     return 0
+
+
+def autoencoder_round_trip(generate: Generate, folder: Path) -> Generate:
+    """``generate``'s images encoded and decoded by the autoencoder in ``folder``."""
+    import torch
+
+    from fastsana.checkpoints.autoencoder import load_autoencoder
+    from fastsana.pipeline import to_pil
+
+    ae = load_autoencoder(folder).eval()
+
+    def round_trip(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        images = generate(prompts, seeds)
+        x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images]))
+        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
+        with torch.no_grad():
+            y = ae.decode(ae.encode(x))  # (B, 3, H, W)
+        return to_pil((y / 2 + 0.5).clamp(0, 1))
+
+    return round_trip
 
 
 def pipeline_generator(

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from fastsana.runtime import matmul_dtype
 from fastsana.training.checkpointing import TrainedPart
 from fastsana.training.config import EMAConfig, OptimizerConfig, ScheduleConfig
 from fastsana.training.distributed import full_tensor
@@ -102,6 +103,14 @@ class Part:
 
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: str) -> Iterator[None]:
-    """bf16 autocast on CPU or CUDA (master weights and the loss stay fp32)."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    """bf16 autocast on CPU or CUDA (master weights and the loss stay fp32). ``"auto"``: bf16
+    where the device multiplies it natively (GPUs, AMX / AVX-512 CPUs), else fp32."""
+    enabled = autocast_enabled(device, precision)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
         yield
+
+
+def autocast_enabled(device: torch.device, precision: str) -> bool:
+    if precision == "auto":
+        return matmul_dtype(device, torch.bfloat16) == torch.bfloat16
+    return precision == "bf16"
