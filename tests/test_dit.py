@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from dit_helpers import dit_inputs, random_dit
 
 from fastsana import CheckpointError, load_transformer, save_transformer
 from fastsana.configs import DIT_PRESETS, DiTConfig, dit_preset
@@ -13,26 +14,6 @@ from fastsana.models.attention import relu_linear_attention
 from fastsana.models.dit import SanaTransformer
 
 TINY = DIT_PRESETS["sana-tiny"].config
-
-
-def _inputs(config: DiTConfig, batch: int = 2, size: tuple[int, int] = (8, 6), seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, config.in_channels, *size, generator=g)
-    t = torch.rand(batch, generator=g) * 1000
-    text = torch.randn(batch, 5, config.caption_channels, generator=g)
-    mask = torch.ones(batch, 5, dtype=torch.bool)
-    mask[0, 3:] = False
-    return x, t, text, mask
-
-
-def _random_model(config: DiTConfig, seed: int = 0) -> SanaTransformer:
-    """Random values in every parameter (the training init zeroes some on purpose)."""
-    torch.manual_seed(seed)
-    model = SanaTransformer(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
-    return model
 
 
 def test_linear_attention_matches_quadratic_form() -> None:
@@ -51,15 +32,15 @@ def test_linear_attention_matches_quadratic_form() -> None:
 
 
 def test_output_shape_and_any_size() -> None:
-    model = _random_model(TINY)
+    model = random_dit(TINY)
     for size in [(8, 8), (3, 11), (1, 1)]:
-        x, t, text, mask = _inputs(TINY, size=size)
+        x, t, text, mask = dit_inputs(TINY, size=size)
         assert model(x, t, text, mask).shape == x.shape
 
 
 def test_scalar_timestep_broadcasts() -> None:
-    model = _random_model(TINY).eval()
-    x, _, text, mask = _inputs(TINY)
+    model = random_dit(TINY).eval()
+    x, _, text, mask = dit_inputs(TINY)
     with torch.no_grad():
         a = model(x, 500.0, text, mask)
         b = model(x, torch.tensor([500.0, 500.0]), text, mask)
@@ -68,8 +49,8 @@ def test_scalar_timestep_broadcasts() -> None:
 
 def test_padding_tokens_are_ignored() -> None:
     """Changing text at masked positions must not change the output."""
-    model = _random_model(TINY).eval()
-    x, t, text, mask = _inputs(TINY)
+    model = random_dit(TINY).eval()
+    x, t, text, mask = dit_inputs(TINY)
     text2 = text.clone()
     text2[0, 3:] = torch.randn_like(text2[0, 3:]) * 10
     with torch.no_grad():
@@ -84,8 +65,8 @@ def test_gradients_reach_every_parameter() -> None:
             TINY, qk_norm=True, guidance_embeds=True, interpolation_scale=1.0, patch_size=2
         ),
     ):
-        model = _random_model(config)
-        x, t, text, mask = _inputs(config, size=(8, 6))
+        model = random_dit(config)
+        x, t, text, mask = dit_inputs(config, size=(8, 6))
         guidance = torch.full((2,), 3.0) if config.guidance_embeds else None
         model(x, t, text, mask, guidance=guidance).square().mean().backward()
         dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
@@ -96,7 +77,7 @@ def test_training_init_starts_at_zero_velocity_and_learns() -> None:
     """The documented init: zero output projection (v = 0) and caption scale 0.01."""
     torch.manual_seed(0)
     model = SanaTransformer(TINY)
-    x, t, text, mask = _inputs(TINY)
+    x, t, text, mask = dit_inputs(TINY)
     assert model(x, t, text, mask).abs().max() == 0
     assert torch.all(model.caption_norm.weight == 0.01)
     out = model(x, t, text, mask)
@@ -107,9 +88,9 @@ def test_training_init_starts_at_zero_velocity_and_learns() -> None:
 def test_gradient_checkpointing_gives_same_gradients() -> None:
     grads = []
     for flag in (False, True):
-        model = _random_model(TINY, seed=3)
+        model = random_dit(TINY, seed=3)
         model.enable_gradient_checkpointing(flag)
-        x, t, text, mask = _inputs(TINY)
+        x, t, text, mask = dit_inputs(TINY)
         model(x, t, text, mask).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
@@ -117,8 +98,8 @@ def test_gradient_checkpointing_gives_same_gradients() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_forward_is_finite_and_close(dtype: torch.dtype) -> None:
-    model = _random_model(TINY).eval()
-    x, t, text, mask = _inputs(TINY)
+    model = random_dit(TINY).eval()
+    x, t, text, mask = dit_inputs(TINY)
     with torch.no_grad():
         ref = model(x, t, text, mask)
         out = model.to(dtype)(x, t, text, mask)
@@ -128,7 +109,7 @@ def test_half_precision_forward_is_finite_and_close(dtype: torch.dtype) -> None:
 
 
 def test_fp16_self_attention_output_is_clipped() -> None:
-    model = _random_model(TINY).eval().half()
+    model = random_dit(TINY).eval().half()
     attn = model.transformer_blocks[0].attn1
     with torch.no_grad():
         attn.to_v.weight.fill_(10.0)  # v ≈ 1920 per channel
@@ -139,14 +120,14 @@ def test_fp16_self_attention_output_is_clipped() -> None:
 
 def test_softmax_ablation_runs() -> None:
     config = dataclasses.replace(TINY, self_attention="softmax")
-    model = _random_model(config)
-    x, t, text, mask = _inputs(config)
+    model = random_dit(config)
+    x, t, text, mask = dit_inputs(config)
     assert model(x, t, text, mask).shape == x.shape
 
 
 def test_save_load_round_trip_is_exact(tmp_path) -> None:
     config = dataclasses.replace(TINY, qk_norm=True, interpolation_scale=2.0)
-    model = _random_model(config).eval()
+    model = random_dit(config).eval()
     save_transformer(model, tmp_path / "t")
     loaded = load_transformer(tmp_path / "t")
     assert loaded.config == config
@@ -154,13 +135,13 @@ def test_save_load_round_trip_is_exact(tmp_path) -> None:
         model.state_dict().items(), loaded.state_dict().items(), strict=True
     ):
         assert k1 == k2 and torch.equal(v1, v2)
-    x, t, text, mask = _inputs(config)
+    x, t, text, mask = dit_inputs(config)
     with torch.no_grad():
         assert torch.equal(model(x, t, text, mask), loaded(x, t, text, mask))
 
 
 def test_sharded_save_and_dtype_conversion(tmp_path) -> None:
-    model = _random_model(TINY)
+    model = random_dit(TINY)
     save_transformer(model, tmp_path / "t", max_shard_size="200KB")
     assert (tmp_path / "t" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     loaded = load_transformer(tmp_path / "t", dtype=torch.bfloat16)
@@ -171,7 +152,7 @@ def test_sharded_save_and_dtype_conversion(tmp_path) -> None:
 
 
 def test_mismatched_checkpoint_lists_bad_keys(tmp_path) -> None:
-    save_transformer(_random_model(TINY), tmp_path / "t")
+    save_transformer(random_dit(TINY), tmp_path / "t")
     wider = dataclasses.replace(TINY, hidden_size=96, num_heads=3)
     with pytest.raises(CheckpointError) as err:
         load_transformer(tmp_path / "t", config=wider)
@@ -216,7 +197,7 @@ def test_pickled_code_is_refused(tmp_path) -> None:
     ],
 )
 def test_bad_inputs_raise_clear_errors(kwargs: dict, message: str) -> None:
-    model = _random_model(TINY)
+    model = random_dit(TINY)
     args = dict(
         x=torch.randn(1, 32, 4, 4),
         t=torch.tensor([1.0]),
@@ -230,14 +211,14 @@ def test_bad_inputs_raise_clear_errors(kwargs: dict, message: str) -> None:
 
 def test_odd_size_with_patch_2_is_rejected() -> None:
     config = dataclasses.replace(TINY, patch_size=2)
-    x, t, text, mask = _inputs(config, size=(7, 8))
+    x, t, text, mask = dit_inputs(config, size=(7, 8))
     with pytest.raises(ValueError, match="divisible by the patch size 2"):
         SanaTransformer(config)(x, t, text, mask)
 
 
 def test_guidance_model_requires_guidance() -> None:
     config = dataclasses.replace(TINY, guidance_embeds=True)
-    x, t, text, mask = _inputs(config)
+    x, t, text, mask = dit_inputs(config)
     with pytest.raises(ValueError, match="guidance"):
         SanaTransformer(config)(x, t, text, mask)
 
@@ -253,7 +234,7 @@ def test_config_validation_and_presets() -> None:
 
 def test_precision_variant_files_are_found(tmp_path) -> None:
     """Official folders may hold only `diffusion_pytorch_model.bf16.safetensors`."""
-    model = _random_model(TINY)
+    model = random_dit(TINY)
     save_transformer(model, tmp_path / "t", dtype=torch.bfloat16)
     folder = tmp_path / "t"
     (folder / "diffusion_pytorch_model.safetensors").rename(

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from dit_helpers import dit_inputs, random_dit
 
 import fastsana.models.dit as dit
 import fastsana.runtime as runtime
@@ -22,22 +23,11 @@ TINY = DIT_PRESETS["sana-tiny"].config
 
 
 def _inputs(config: DiTConfig, batch: int = 2, size: tuple[int, int] = (6, 5), seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, config.in_channels, *size, generator=g)
-    t = torch.rand(batch, generator=g) * 1000
-    text = torch.randn(batch, 5, config.caption_channels, generator=g)
-    mask = torch.ones(batch, 5, dtype=torch.bool)
-    mask[0, 3:] = False
-    return x, t, text, mask
+    return dit_inputs(config, batch, size, seed)
 
 
 def _random_model(config: DiTConfig, seed: int = 0) -> SanaTransformer:
-    torch.manual_seed(seed)
-    model = SanaTransformer(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
-    return model.eval()
+    return random_dit(config, seed).eval()
 
 
 # --------------------------------------------------------------------------- attention
