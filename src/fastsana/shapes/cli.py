@@ -236,12 +236,13 @@ def pipeline_generator(
     sampler: str,
     guidance: float | None,
     size: int | None = None,
+    quantize: str | None = None,
 ) -> Generate:
     """ShapesBench generator backed by ``fastsana.SanaPipeline`` (the only pipeline wiring).
-    ``size``: image side (default: the model's native size)."""
+    ``size``: image side (default: the model's native size); ``quantize``: e.g. ``"w8a8"``."""
     from fastsana import SanaPipeline  # lazy: loads torch and the model only when benchmarking
 
-    pipe = SanaPipeline.from_pretrained(model_dir)
+    pipe = SanaPipeline.from_pretrained(model_dir, quantize=quantize)
     options: dict = {
         "num_inference_steps": steps,
         "sampler": sampler,
