@@ -48,8 +48,10 @@ TIMESTEP_CHANNELS = 256
 def linear(x: Tensor, layer: nn.Module) -> Tensor:
     """``layer`` applied to the last dim of ``x`` (1×1 convs too), with its weights cast to
     x's dtype: lets half-precision weights feed fp32 activations without a model-wide copy.
-    Any other module (``fastsana.quantize.W8A8Linear``) is called as it is."""
-    if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+    Quantised layers (``fastsana.quantize.W8A8Linear``, which hold ``qweight``) are called as
+    they are; anything else with a ``weight`` (plain, parametrised or peft-wrapped layers) takes
+    the float path, so LoRA's adapted weights are used."""
+    if hasattr(layer, "qweight"):
         return layer(x)
     w = layer.weight.flatten(1) if layer.weight.dim() > 2 else layer.weight
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
