@@ -128,6 +128,16 @@ def count_flops(fn: Callable[[], object]) -> int:
 # ------------------------------------------------------------------------------ peaks
 
 
+def _fastest(fn: Callable[[], object], repeats: int) -> float:
+    """The shortest wall time of ``repeats`` calls of ``fn``, in seconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def gemm_peak(dtype: torch.dtype, size: int = 2048, budget_s: float = 10.0) -> dict[str, float]:
     """Best FLOP/s of a square ``size``³ matmul in ``dtype`` (3 timed repeats).
 
@@ -135,22 +145,13 @@ def gemm_peak(dtype: torch.dtype, size: int = 2048, budget_s: float = 10.0) -> d
     precision without hardware support), the size is halved until it fits, and reported."""
     probe = torch.randn(512, 512, dtype=torch.float32).to(dtype)
     probe @ probe
-    fastest = float("inf")
-    for _ in range(2):
-        t0 = time.perf_counter()
-        probe @ probe
-        fastest = min(fastest, time.perf_counter() - t0)
-    rate = 2 * 512**3 / max(fastest, 1e-9)
+    rate = 2 * 512**3 / max(_fastest(lambda: probe @ probe, 2), 1e-9)
     while size > 256 and 2 * size**3 / rate > budget_s:
         size //= 2
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
     a @ b
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
+    best = _fastest(lambda: a @ b, 3)
     return {"size": size, "seconds": best, "flops_per_s": 2 * size**3 / best}
 
 

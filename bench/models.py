@@ -77,18 +77,14 @@ def build_dit(
     config: DiTConfig, which: str, dtype: torch.dtype, device: str = "cpu", seed: int = 0
 ) -> nn.Module:
     """``which``: "ours" or "diffusers"; same seed → same weights (identical key names)."""
-    if which == "ours":
-        with torch.device("meta"):
-            model: nn.Module = SanaTransformer(config)
-    elif which == "diffusers":
-        import diffusers
-
-        quiet_diffusers()
-        with torch.device("meta"):
-            model = diffusers.SanaTransformer2DModel(**diffusers_dit_kwargs(config))
-    else:
-        raise ValueError(f"which must be 'ours' or 'diffusers', got {which!r}")
-    return _materialise(model, dtype, device, seed)
+    return _build(
+        which,
+        lambda: SanaTransformer(config),
+        lambda d: d.SanaTransformer2DModel(**diffusers_dit_kwargs(config)),
+        dtype,
+        device,
+        seed,
+    )
 
 
 def ae_config() -> AutoencoderConfig:
@@ -98,18 +94,22 @@ def ae_config() -> AutoencoderConfig:
 def build_dcae(
     config: AutoencoderConfig, which: str, dtype: torch.dtype, device: str = "cpu", seed: int = 0
 ) -> nn.Module:
-    if which == "ours":
-        with torch.device("meta"):
-            model: nn.Module = DCAE(config)
-    elif which == "diffusers":
+    raw = {k: v for k, v in ae_config_to_diffusers(config).items() if not k.startswith("_")}
+    return _build(
+        which, lambda: DCAE(config), lambda d: d.AutoencoderDC(**raw), dtype, device, seed
+    )
+
+
+def _build(which, ours, theirs, dtype: torch.dtype, device: str, seed: int) -> nn.Module:
+    """Build ``ours()`` or ``theirs(diffusers)`` on the meta device, then random weights."""
+    if which not in ("ours", "diffusers"):
+        raise ValueError(f"which must be 'ours' or 'diffusers', got {which!r}")
+    if which == "diffusers":
         import diffusers
 
         quiet_diffusers()
-        raw = {k: v for k, v in ae_config_to_diffusers(config).items() if not k.startswith("_")}
-        with torch.device("meta"):
-            model = diffusers.AutoencoderDC(**raw)
-    else:
-        raise ValueError(f"which must be 'ours' or 'diffusers', got {which!r}")
+    with torch.device("meta"):
+        model = ours() if which == "ours" else theirs(diffusers)
     return _materialise(model, dtype, device, seed)
 
 
