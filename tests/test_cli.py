@@ -207,3 +207,28 @@ def test_demo_runs(capsys) -> None:
     status, stdout, _ = run(capsys, "demo", "--preset", "sana-tiny", "--text-tokens", "8")
     expected = sum(p.numel() for p in SanaTransformer(DIT_PRESETS["sana-tiny"].config).parameters())
     assert status == 0 and f"{expected:,} parameters" in stdout
+
+
+def test_generate_encodes_every_prompt_then_frees_the_text_encoder(
+    model_dir, tmp_path, capsys, monkeypatch
+) -> None:
+    """The text encoder (GBs for SANA's Gemma-2-2B) is gone before the first denoising step."""
+    events: list[str] = []
+    for name, label in (("encode_prompt", "encode"), ("release_text_encoder", "release"),
+                        ("__call__", "generate")):  # fmt: skip
+        original = getattr(SanaPipeline, name)
+
+        def spy(self, *args, _original=original, _label=label, **kwargs):
+            events.append(_label)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(SanaPipeline, name, spy)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPTS[0]}\n{PROMPTS[1]}\n")
+    status, _, _ = run(
+        capsys, "generate", "--prompt-file", prompts, "-o", tmp_path / "x.png",
+        "--model", model_dir, "--steps", "1", "--max-batch", "1",
+    )  # fmt: skip
+    assert status == 0
+    assert events == ["encode", "encode", "release", "generate", "generate"]
+    assert len(list(tmp_path.glob("x-*.png"))) == 2

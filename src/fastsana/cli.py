@@ -144,14 +144,28 @@ def cmd_generate(args: argparse.Namespace) -> None:
     seed = settings.seed if settings.seed is not None else random.randrange(2**31)
     use_instruction = pipe.defaults.instruction and not args.no_instruction
 
-    images, records = [], []
     per_call = max(1, args.max_batch // args.batch)
-    for start in range(0, len(prompts), per_call):
+    starts = range(0, len(prompts), per_call)
+    # Encode every prompt first, then free the text encoder: denoising and decoding do not
+    # need it, and for SANA's Gemma-2-2B it is the largest part (5-10 GB).
+    conditions = [
+        pipe.encode_prompt(
+            prompts[start : start + per_call],
+            args.negative,
+            None if args.no_instruction else MODEL_DEFAULT,
+            guidance=settings.guidance_scale != 1.0,
+        )
+        for start in starts
+    ]
+    pipe.release_text_encoder()
+
+    images, records = [], []
+    for start, (cond, uncond) in zip(starts, conditions, strict=True):
         chunk = prompts[start : start + per_call]
         call_seed = seed + start  # each call draws its own batch of noise from its seed
         images += pipe(
-            chunk,
-            negative_prompt=args.negative,
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond,
             height=settings.height,
             width=settings.width,
             num_inference_steps=settings.steps,
@@ -160,7 +174,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
             sampler=settings.sampler,
             num_images_per_prompt=args.batch,
             use_resolution_binning=not args.no_binning,
-            complex_human_instruction=None if args.no_instruction else MODEL_DEFAULT,
         )
         for i, prompt in enumerate(p for p in chunk for _ in range(args.batch)):
             records.append(

@@ -9,6 +9,7 @@ prompt, seed and settings it produces diffusers' ``SanaPipeline`` image: same no
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from collections.abc import Sequence
@@ -89,7 +90,7 @@ class SanaPipeline:
         self,
         transformer: SanaTransformer,
         vae: DCAE,
-        text_encoder: TextEncoder,
+        text_encoder: TextEncoder | None,
         defaults: SamplingDefaults | None = None,
         offload_text_encoder: bool | None = None,
     ) -> None:
@@ -98,7 +99,10 @@ class SanaPipeline:
                 f"the autoencoder's latent_channels ({vae.config.latent_channels}) must equal "
                 f"the transformer's in_channels ({transformer.config.in_channels})"
             )
-        if text_encoder.hidden_size != transformer.config.caption_channels:
+        if (
+            text_encoder is not None
+            and text_encoder.hidden_size != transformer.config.caption_channels
+        ):
             raise ValueError(
                 f"the text encoder's hidden size ({text_encoder.hidden_size}) must equal the "
                 f"transformer's caption_channels ({transformer.config.caption_channels})"
@@ -119,13 +123,15 @@ class SanaPipeline:
         device: str | torch.device | None = None,
         *,
         quantize: str | None = None,
+        load_text_encoder: bool = True,
         **kwargs: object,
     ) -> SanaPipeline:
         """Load a diffusers-format pipeline folder, or download one by Hub id when online.
 
         ``dtype=None``: bf16 on CUDA, fp32 on CPU. ``device=None``: CUDA when available.
         ``quantize="w8a8"``: int8 weights and activations in the transformer's linear layers
-        (see ``fastsana.quantize``).
+        (see ``fastsana.quantize``). ``load_text_encoder=False``: no text encoder (pass
+        ``prompt_embeds`` made elsewhere; saves its memory, GBs for Gemma-2-2B).
         """
         if quantize is not None and quantize not in QUANTIZATION_MODES:
             raise ValueError(
@@ -142,8 +148,12 @@ class SanaPipeline:
         if quantize == "w8a8":
             quantize_w8a8(transformer)
         vae = load_autoencoder(folder / "vae", dtype=dtype, device=device)
-        text_encoder = TextEncoder.from_pretrained(
-            folder / "text_encoder", folder / "tokenizer", dtype=dtype, device=device
+        text_encoder = (
+            TextEncoder.from_pretrained(
+                folder / "text_encoder", folder / "tokenizer", dtype=dtype, device=device
+            )
+            if load_text_encoder
+            else None
         )
         defaults = _read_defaults(folder / "scheduler" / "scheduler_config.json", index)
         return cls(transformer, vae, text_encoder, defaults, **kwargs)  # type: ignore[arg-type]
@@ -153,11 +163,10 @@ class SanaPipeline:
     ) -> Path:
         """Write a diffusers-format pipeline folder that diffusers and fastsana both load."""
         folder = Path(folder)
+        encoder = self._require_text_encoder("save_pretrained")
         save_transformer(self.transformer, folder / "transformer", dtype=dtype)
         save_autoencoder(self.vae, folder / "vae", dtype=dtype)
-        self.text_encoder.save_pretrained(
-            folder / "text_encoder", folder / "tokenizer", dtype=dtype
-        )
+        encoder.save_pretrained(folder / "text_encoder", folder / "tokenizer", dtype=dtype)
         atomic_write_json(
             folder / "scheduler" / "scheduler_config.json", _scheduler_config(self.defaults)
         )
@@ -176,8 +185,8 @@ class SanaPipeline:
                 },
                 "transformer": ["diffusers", "SanaTransformer2DModel"],
                 "vae": ["diffusers", "AutoencoderDC"],
-                "text_encoder": ["transformers", type(self.text_encoder.model).__name__],
-                "tokenizer": ["transformers", type(self.text_encoder.tokenizer).__name__],
+                "text_encoder": ["transformers", type(encoder.model).__name__],
+                "tokenizer": ["transformers", type(encoder.tokenizer).__name__],
                 "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
             },
         )
@@ -220,7 +229,7 @@ class SanaPipeline:
         if isinstance(complex_human_instruction, _ModelDefault):
             complex_human_instruction = DEFAULT_INSTRUCTION if self.defaults.instruction else None
         length = max_sequence_length or self.defaults.max_sequence_length
-        encoder = self.text_encoder.to(self.device)
+        encoder = self._require_text_encoder("encode_prompt").to(self.device)
         emb, mask = encoder.encode(
             prompts, instruction=complex_human_instruction, max_length=length
         )
@@ -234,12 +243,32 @@ class SanaPipeline:
             encoder.offload()
         return cond, uncond
 
+    def release_text_encoder(self) -> None:
+        """Drop the text encoder and free its memory (Gemma-2-2B: about 5 GB in bf16, 10 GB in
+        fp32), which denoising and decoding do not need. Encode first: later calls take
+        ``prompt_embeds`` / ``negative_prompt_embeds`` from ``encode_prompt``."""
+        self.text_encoder = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _require_text_encoder(self, what: str) -> TextEncoder:
+        if self.text_encoder is None:
+            raise RuntimeError(
+                f"{what} needs the text encoder, which this pipeline does not have (released "
+                "or not loaded); pass prompt_embeds= and negative_prompt_embeds= made by "
+                "encode_prompt() instead"
+            )
+        return self.text_encoder
+
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None = None,
         *,
         negative_prompt: str | Sequence[str] = "",
+        prompt_embeds: TextCondition | None = None,
+        negative_prompt_embeds: TextCondition | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int | None = None,
@@ -256,7 +285,10 @@ class SanaPipeline:
     ) -> list[Image.Image] | Tensor:
         """Generate images. Returns PIL images, or with ``output_type="pt"`` a (B, 3, H, W)
         tensor in [0, 1] (``"latent"``: the final latents). ``prompt`` may be a list (one
-        batch); images come prompt by prompt, ``num_images_per_prompt`` each."""
+        batch); images come prompt by prompt, ``num_images_per_prompt`` each.
+
+        ``prompt_embeds`` (and, with guidance, ``negative_prompt_embeds``): conditions from
+        ``encode_prompt``, instead of ``prompt``; the text encoder is then not used."""
         settings = self.resolve(height, width, num_inference_steps, guidance_scale, sampler, seed)
         if output_type not in ("pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
@@ -264,22 +296,24 @@ class SanaPipeline:
             raise ValueError(
                 f"num_images_per_prompt must be an int ≥ 1, got {num_images_per_prompt!r}"
             )
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("prompt must be a string or a non-empty list of strings")
+        guide = settings.guidance_scale != 1.0
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+            if not prompts:
+                raise ValueError("prompt must be a string or a non-empty list of strings")
+            cond, uncond = self.encode_prompt(
+                prompts, negative_prompt, complex_human_instruction, guide, max_sequence_length
+            )
+        else:
+            cond, uncond = _given_conditions(prompt, prompt_embeds, negative_prompt_embeds, guide)
 
         gen_h, gen_w = settings.height, settings.width
         if use_resolution_binning and self.native_size in SUPPORTED_BASE_SIZES:
             gen_h, gen_w = bin_for(settings.height, settings.width, self.native_size)
 
-        guide = settings.guidance_scale != 1.0
-        cond, uncond = self.encode_prompt(
-            prompts, negative_prompt, complex_human_instruction, guide, max_sequence_length
-        )
+        batch = cond.text.shape[0] * num_images_per_prompt
         cond = _repeat(cond, num_images_per_prompt)
         uncond = _repeat(uncond, num_images_per_prompt) if uncond is not None else None
-
-        batch = len(prompts) * num_images_per_prompt
         f = self.vae.spatial_compression
         shape = (batch, self.transformer.config.in_channels, gen_h // f, gen_w // f)
         x = self._initial_noise(shape, settings.seed, latents)  # (B, C, h, w) fp32
@@ -368,6 +402,33 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [0, 1] → PIL images (rounded, as diffusers' image processor does)."""
     array = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in array]
+
+
+def _given_conditions(
+    prompt: object,
+    cond: TextCondition,
+    uncond: TextCondition | None,
+    guide: bool,
+) -> tuple[TextCondition, TextCondition | None]:
+    """Check the ``prompt_embeds`` / ``negative_prompt_embeds`` a caller passed."""
+    if prompt is not None:
+        raise ValueError("pass prompt or prompt_embeds, not both")
+    for name, c in (("prompt_embeds", cond), ("negative_prompt_embeds", uncond)):
+        if c is not None and not isinstance(c, TextCondition):
+            raise ValueError(f"{name} must be a TextCondition (from encode_prompt), got {c!r}")
+    if not guide:
+        return cond, None
+    if uncond is None:
+        raise ValueError(
+            "guidance_scale ≠ 1 needs negative_prompt_embeds as well as prompt_embeds "
+            "(encode_prompt returns both)"
+        )
+    if uncond.text.shape[0] != cond.text.shape[0] or uncond.text.shape[2] != cond.text.shape[2]:
+        raise ValueError(
+            f"negative_prompt_embeds {tuple(uncond.text.shape)} must match prompt_embeds "
+            f"{tuple(cond.text.shape)} in batch size and width"
+        )
+    return cond, uncond
 
 
 def _repeat(condition: TextCondition, n: int) -> TextCondition:

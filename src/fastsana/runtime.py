@@ -70,3 +70,24 @@ def matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return dtype
     return dtype if _cpu_has_fast_half(dtype) else torch.float32
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether inference on ``device`` runs the Triton kernels of ``fastsana.kernels``.
+
+    Yes on CUDA devices when Triton is installed, while autograd is off (the kernels have no
+    backward) and outside ``torch.compile`` (which fuses the PyTorch path itself). Set
+    ``FASTSANA_TRITON=0`` to use the PyTorch reference path everywhere.
+    """
+    if device.type != "cuda" or os.environ.get("FASTSANA_TRITON", "1") == "0":
+        return False
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    return _triton_installed()

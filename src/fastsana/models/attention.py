@@ -1,8 +1,9 @@
 """Attention maths for the Linear DiT, as free functions on (B, N, heads·d) token tensors.
 
 ``relu_linear_attention`` is the reference path, written like the formula; ``linear_attention``
-is what the model calls: it picks the fastest kernel for the device (today one fused PyTorch
-path for every device; a GPU kernel would plug in there) and must match the reference.
+is what the model calls: it picks the fastest kernel for the device (the Triton kernel of
+``fastsana.kernels`` for CUDA inference, else a fused PyTorch path) and must match the
+reference.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fastsana.runtime import use_triton
 
 # Added to the denominator of linear attention; diffusers uses 1e-15, the official code 1e-8.
 # With ReLU features the denominator is 0 only when a query or every key is all-zero, where
@@ -69,14 +72,37 @@ def fused_relu_linear_attention(
     return out.view(b, n, inner)  # (B, N, h·d)
 
 
-def linear_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, inplace: bool = False) -> Tensor:
-    """ReLU linear attention on (B, N, heads·d) tensors; returns fp32 (fp64 for fp64 input).
-
-    The kernel choice per device lives here so the model never branches on it.
-    """
+def linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: int,
+    inplace: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """ReLU linear attention on (B, N, heads·d) tensors, returned in ``out_dtype`` (default
+    fp32; fp64 for fp64 input). The kernel choice per device lives here so the model never
+    branches on it: the Triton kernel on CUDA inference (``fastsana.runtime.use_triton``),
+    else the fused PyTorch path."""
     if inplace and torch.is_grad_enabled():
         raise ValueError("inplace=True is for inference only (torch.is_grad_enabled() is True)")
-    return fused_relu_linear_attention(q, k, v, heads, inplace=inplace)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out_dtype = out_dtype or acc
+    if use_triton(q.device):
+        from fastsana.kernels import relu_linear_attention as triton_linear_attention
+
+        b, n, inner = q.shape
+        d = inner // heads
+        out = torch.empty(b, n, inner, dtype=out_dtype, device=q.device)  # (B, N, h·d)
+
+        def per_head(t: Tensor) -> Tensor:  # (B, N, h·d) → (B, h, N, d) view, no copy
+            return t.view(b, n, heads, d).transpose(1, 2)
+
+        triton_linear_attention(
+            per_head(q), per_head(k), per_head(v), per_head(out), LINEAR_ATTENTION_EPS
+        )
+        return out
+    return fused_relu_linear_attention(q, k, v, heads, inplace=inplace).to(out_dtype)
 
 
 def softmax_attention(

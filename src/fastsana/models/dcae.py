@@ -27,8 +27,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from fastsana.configs import AutoencoderConfig
-from fastsana.models.ops import grouped_conv2d
-from fastsana.runtime import matmul_dtype
+from fastsana.models.ops import depthwise_glu, grouped_conv2d
+from fastsana.runtime import matmul_dtype, use_triton
 
 # The reference's linear-attention denominator guard; any tiny value gives the same result.
 ATTENTION_EPS = 1e-15
@@ -159,13 +159,22 @@ class MultiscaleLinearAttention(nn.Module):
         # The reference switches to the N×N form when the map has no more pixels than head_dim
         # (cheaper there) and computes only the linear form in fp32; we follow it for parity.
         linear = n > self.head_dim
-        if linear:
-            qkv = qkv.float()  # (B, 3I·S, H, W)
-        qkv = qkv.reshape(b, -1, 3 * self.head_dim, n)  # (B, G, 3d, N)
-        q, k, v = qkv.split(self.head_dim, dim=2)  # each (B, G, d, N)
-        q, k = F.relu(q), F.relu(k)  # (B, G, d, N)
-        with torch.autocast(x.device.type, enabled=False):  # keep the fp32 kernel fp32
-            out = _relu_linear_attention(q, k, v) if linear else _relu_quadratic_attention(q, k, v)
+        if linear and use_triton(x.device):  # reads qkv as is, sums in fp32, writes x.dtype
+            from fastsana.kernels import relu_linear_attention as relu_linear_attention_kernel
+
+            q, k, v = qkv.reshape(b, -1, 3 * self.head_dim, n).split(self.head_dim, dim=2)
+            out = torch.empty_like(q, dtype=x.dtype, memory_format=torch.contiguous_format)
+            tokens = [t.transpose(-1, -2) for t in (q, k, v, out)]  # (B, G, N, d) views
+            relu_linear_attention_kernel(*tokens, eps=ATTENTION_EPS)
+        else:
+            if linear:
+                qkv = qkv.float()  # (B, 3I·S, H, W)
+            qkv = qkv.reshape(b, -1, 3 * self.head_dim, n)  # (B, G, 3d, N)
+            q, k, v = qkv.split(self.head_dim, dim=2)  # each (B, G, d, N)
+            q, k = F.relu(q), F.relu(k)  # (B, G, d, N)
+            with torch.autocast(x.device.type, enabled=False):  # keep the fp32 kernel fp32
+                attend = _relu_linear_attention if linear else _relu_quadratic_attention
+                out = attend(q, k, v)  # (B, G, d, N)
         out = out.to(x.dtype).reshape(b, -1, h, w)  # (B, I·S, H, W)
         out = F.conv2d(out, self.to_out.weight.to(x.dtype)[:, :, None, None])  # (B, C, H, W)
         return x + self.norm_out(out)  # (B, C, H, W)
@@ -199,10 +208,9 @@ class GLUMBConv(nn.Module):
         self.norm = ChannelRMSNorm(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.conv_inverted(x))  # (B, 2h, H, W)
-        h = grouped_conv2d(self.conv_depth, h)  # (B, 2h, H, W)
-        h, gate = h.chunk(2, dim=1)  # each (B, h, H, W)
-        h = self.conv_point(h * F.silu(gate))  # (B, C, H, W)
+        h = self.conv_inverted(x)  # (B, 2h, H, W)
+        h = depthwise_glu(self.conv_depth, h, silu_input=True)  # (B, h, H, W)
+        h = self.conv_point(h)  # (B, C, H, W)
         return x + self.norm(h)  # (B, C, H, W)
 
 

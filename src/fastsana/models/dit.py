@@ -36,7 +36,7 @@ from fastsana.models.attention import (
     mask_to_bias,
     softmax_attention,
 )
-from fastsana.models.ops import grouped_conv2d
+from fastsana.models.ops import depthwise_glu
 from fastsana.runtime import matmul_dtype
 
 TIMESTEP_CHANNELS = 256
@@ -187,8 +187,9 @@ class SelfAttention(nn.Module):
             out = softmax_attention(q, k, v, self.heads)  # (B, N, C)
         else:
             # q and k are this call's temporaries: ReLU may overwrite them when not training.
-            out = linear_attention(q, k, v, self.heads, inplace=not torch.is_grad_enabled())
-        out = linear(out.to(x.dtype), self.to_out[0])  # (B, N, C)
+            inplace = not torch.is_grad_enabled()
+            out = linear_attention(q, k, v, self.heads, inplace=inplace, out_dtype=x.dtype)
+        out = linear(out, self.to_out[0])  # (B, N, C)
         if torch.float16 in (out.dtype, self.to_out[0].weight.dtype):
             # fp16 checkpoints rely on this clip, also when we compute in fp32 for them.
             out = out.clamp(-FP16_MAX, FP16_MAX)
@@ -237,16 +238,10 @@ class MixFFN(nn.Module):
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
         b, n, _ = x.shape
-        inplace = not torch.is_grad_enabled()  # the temporaries below are ours to overwrite
-        x = F.silu(linear(x, self.conv_inverted), inplace=inplace)  # (B, N, 2h)
+        x = linear(x, self.conv_inverted)  # (B, N, 2h)
         x = x.view(b, height, width, -1).permute(0, 3, 1, 2)  # (B, 2h, H, W) channels-last
-        x = self._depthwise(x).permute(0, 2, 3, 1)  # (B, H, W, 2h) contiguous
-        a, gate = x.chunk(2, dim=-1)  # (B, H, W, h) each, strided views
-        x = a * F.silu(gate, inplace=inplace)  # (B, H, W, h) contiguous
-        return linear(x.view(b, n, -1), self.conv_point)  # (B, N, C)
-
-    def _depthwise(self, x: Tensor) -> Tensor:
-        return grouped_conv2d(self.conv_depth, x)  # fast on CPU in half precision too
+        x = depthwise_glu(self.conv_depth, x, silu_input=True)  # (B, h, H, W) channels-last
+        return linear(x.permute(0, 2, 3, 1).reshape(b, n, -1), self.conv_point)  # (B, N, C)
 
 
 class SanaBlock(nn.Module):

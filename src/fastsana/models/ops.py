@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastsana.runtime import use_triton
+
 
 def grouped_conv2d(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """``conv(x)`` for a grouped or depthwise convolution, fast on CPU in any precision.
@@ -27,3 +29,22 @@ def grouped_conv2d(conv: nn.Conv2d, x: Tensor) -> Tensor:
         args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         out = F.conv2d(x.float(), weight, bias, *args)
     return out.to(out_dtype)
+
+
+def depthwise_glu(conv: nn.Conv2d, x: Tensor, silu_input: bool) -> Tensor:
+    """The gated middle of Mix-FFN / GLUMBConv: a·SiLU(g), (a, g) = split(conv(SiLU?(x))).
+
+    x: (B, 2h, H, W), any memory format; returns (B, h, H, W) in x's dtype and, for
+    channels-last input, channels-last. On CUDA inference one Triton kernel does it all
+    (``fastsana.kernels.dwconv_glu``); otherwise this PyTorch path, which is the reference.
+    When autograd is off, x is treated as the caller's temporary and overwritten.
+    """
+    if use_triton(x.device):
+        from fastsana.kernels import dwconv_glu
+
+        return dwconv_glu(x, conv.weight, conv.bias, silu_input=silu_input)
+    inplace = not torch.is_grad_enabled()
+    if silu_input:
+        x = F.silu(x, inplace=inplace)  # (B, 2h, H, W)
+    a, gate = grouped_conv2d(conv, x).chunk(2, dim=1)  # (B, h, H, W) each, strided views
+    return a * F.silu(gate, inplace=inplace)  # (B, h, H, W), x's memory format
