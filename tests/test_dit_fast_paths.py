@@ -18,6 +18,14 @@ from fastsana.models.attention import (
     relu_linear_attention,
 )
 from fastsana.models.dit import SanaTransformer
+from fastsana.pipeline import SanaPipeline
+from fastsana.sampling import (
+    TextCondition,
+    flow_sigmas,
+    guided_model_fn,
+    sample,
+    truncated_timestep_fn,
+)
 
 TINY = DIT_PRESETS["sana-tiny"].config
 
@@ -126,7 +134,7 @@ def test_block_does_not_modify_its_input_under_no_grad() -> None:
     text = torch.randn(2, 5, TINY.hidden_size)
     before = x.clone()
     with torch.no_grad():
-        block(x, t6, text, None, 3, 4)
+        block(x, t6, block.attn2.project_text(text), None, 3, 4)
     assert torch.equal(x, before)
 
 
@@ -213,3 +221,40 @@ def test_matmul_dtype_follows_cpu_features(monkeypatch, avx512, amx, expected) -
         assert runtime.matmul_dtype(torch.device("cuda"), torch.bfloat16) == torch.bfloat16
     finally:
         runtime._cpu_has_fast_half.cache_clear()
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_prepared_text_context_gives_the_same_output(qk_norm: bool) -> None:
+    """model(x, t, prepare_text(text, mask)) is model(x, t, text, mask) with the caption's
+    projection and K/V done once (what samplers reuse across steps)."""
+    config = dataclasses.replace(TINY, qk_norm=qk_norm)
+    model = _random_model(config)
+    x, t, text, mask = dit_inputs(config)
+    with torch.no_grad():
+        context = model.prepare_text(text, mask)
+        assert len(context.kv) == config.depth and context.batch == x.shape[0]
+        assert torch.equal(model(x, t, context), model(x, t, text, mask))
+        other = model.prepare_text(text.flip(0), mask.flip(0))  # a different caption differs
+        assert not torch.allclose(model(x, t, other), model(x, t, context))
+    with pytest.raises(ValueError, match="text_mask must be None"):
+        model(x, t, context, mask)
+    with pytest.raises(ValueError, match="TextContext has batch 2"):
+        model(x[:1], t[:1], context)
+
+
+def test_pipeline_projects_the_caption_once_per_image(monkeypatch) -> None:
+    calls = []
+    original = SanaTransformer.prepare_text
+    monkeypatch.setattr(
+        SanaTransformer, "prepare_text", lambda self, *a: calls.append(1) or original(self, *a)
+    )
+    model = _random_model(TINY)
+    pipe = SanaPipeline.__new__(SanaPipeline)  # only the transformer is needed here
+    pipe.transformer = model
+    sigmas = flow_sigmas(5, 3.0)
+    x, _, text, mask = dit_inputs(TINY)
+    cond, uncond = TextCondition(text, mask), TextCondition(text.flip(0), mask.flip(0))
+    fn = guided_model_fn(pipe._denoiser(truncated_timestep_fn(sigmas)), cond, uncond, 4.5)
+    with torch.no_grad():
+        sample("flow_dpm", fn, x, sigmas, progress=False)
+    assert len(calls) == 1  # 5 steps, 5 model calls, one projection

@@ -367,10 +367,16 @@ class SanaPipeline:
 
     def _denoiser(self, timestep_fn):
         model, scale = self.transformer, self.transformer.config.timestep_scale
+        cache: dict[str, object] = {}
 
         def denoise(x: Tensor, sigma: Tensor, text: Tensor, mask: Tensor) -> Tensor:
             t = timestep_fn(sigma) * scale  # (B,) model timesteps
-            return model(x.to(model.dtype), t, text.to(model.dtype), mask).float()
+            # The caption does not change between steps (the guidance wrapper passes the same
+            # tensors each time): project it to every block's K/V once per image.
+            if cache.get("text") is not text or cache.get("mask") is not mask:
+                context = model.prepare_text(text.to(model.dtype), mask)
+                cache.update(text=text, mask=mask, context=context)
+            return model(x.to(model.dtype), t, cache["context"]).float()
 
         return denoise
 

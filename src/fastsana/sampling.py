@@ -265,18 +265,31 @@ def guided_model_fn(
     if scale != 1.0 and uncond is None:
         raise ValueError(f"guidance scale {scale} needs an unconditional TextCondition, got None")
 
+    joined: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def text_for(batch: int) -> tuple[Tensor, Tensor]:
+        """The text batch for ``batch`` latents, built once: the same tensors reach ``denoise``
+        at every step, so a denoiser may reuse work done on them (the caption's K/V)."""
+        if batch not in joined:
+            c_text, c_mask = _expand_batch(cond, batch, "cond")
+            if scale == 1.0:
+                joined[batch] = c_text, c_mask
+            else:
+                u_text, u_mask = _expand_batch(uncond, batch, "uncond")
+                length = max(c_text.shape[1], u_text.shape[1])
+                text = torch.cat(
+                    [_pad_tokens(u_text, length).to(c_text.dtype), _pad_tokens(c_text, length)]
+                )  # (2B, L, D)
+                mask = torch.cat(
+                    [_pad_tokens(u_mask, length).to(c_mask.dtype), _pad_tokens(c_mask, length)]
+                )  # (2B, L)
+                joined[batch] = text, mask
+        return joined[batch]
+
     def model_fn(x: Tensor, sigma: Tensor) -> Tensor:
-        c_text, c_mask = _expand_batch(cond, x.shape[0], "cond")
+        text, mask = text_for(x.shape[0])
         if scale == 1.0:
-            return denoise(x, sigma, c_text, c_mask)
-        u_text, u_mask = _expand_batch(uncond, x.shape[0], "uncond")
-        length = max(c_text.shape[1], u_text.shape[1])
-        text = torch.cat(
-            [_pad_tokens(u_text, length).to(c_text.dtype), _pad_tokens(c_text, length)]
-        )  # (2B, L, D)
-        mask = torch.cat(
-            [_pad_tokens(u_mask, length).to(c_mask.dtype), _pad_tokens(c_mask, length)]
-        )  # (2B, L)
+            return denoise(x, sigma, text, mask)
         v = denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), text, mask)  # (2B, ...)
         # Combine in at least fp32: the difference v_c − v_u is small and scale amplifies it.
         v_uncond, v_cond = v.to(torch.promote_types(v.dtype, torch.float32)).chunk(2)

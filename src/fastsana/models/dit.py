@@ -23,6 +23,7 @@ autograd on they take the out-of-place path (same maths, tested equal).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -212,11 +213,19 @@ class CrossAttention(nn.Module):
             self.norm_k = RMSNorm(inner, eps=1e-5)
         self.to_out = nn.ModuleList([nn.Linear(inner, c)])
 
-    def forward(self, x: Tensor, text: Tensor, bias: Tensor | None) -> Tensor:
-        q = linear(x, self.to_q)  # (B, N, inner)
+    def project_text(self, text: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of the caption (B, L, inner) each: the same at every sampling step,
+        so ``SanaTransformer.prepare_text`` computes them once per image."""
         k, v = linear(text, self.to_k), linear(text, self.to_v)  # (B, L, inner)
+        if hasattr(self, "norm_k"):
+            k = self.norm_k(k)
+        return k, v
+
+    def forward(self, x: Tensor, text_kv: tuple[Tensor, Tensor], bias: Tensor | None) -> Tensor:
+        q = linear(x, self.to_q)  # (B, N, inner)
         if hasattr(self, "norm_q"):
-            q, k = self.norm_q(q), self.norm_k(k)
+            q = self.norm_q(q)
+        k, v = text_kv  # (B, L, inner) each
         out = softmax_attention(q, k, v, self.heads, bias)  # (B, N, inner)
         return linear(out, self.to_out[0])  # (B, N, C)
 
@@ -254,7 +263,13 @@ class SanaBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.zeros(6, config.hidden_size))
 
     def forward(
-        self, x: Tensor, t6: Tensor, text: Tensor, text_bias: Tensor | None, height: int, width: int
+        self,
+        x: Tensor,
+        t6: Tensor,
+        text_kv: tuple[Tensor, Tensor],
+        text_bias: Tensor | None,
+        height: int,
+        width: int,
     ) -> Tensor:
         b, _, c = x.shape
         mod = (self.scale_shift_table[None] + t6.view(b, 6, c)).to(x.dtype)  # (B, 6, C)
@@ -263,12 +278,27 @@ class SanaBlock(nn.Module):
         # The first residual makes a new tensor; the later ones may then update it in place
         # (never the caller's x).
         x = torch.addcmul(x, gate_msa, self.attn1(h))  # (B, N, C)
-        x = residual_add(x, self.attn2(x, text, text_bias))  # (B, N, C)
+        x = residual_add(x, self.attn2(x, text_kv, text_bias))  # (B, N, C)
         h = modulate(F.layer_norm(x, (c,), eps=self.eps), shift_mlp, scale_mlp)  # (B, N, C)
         return residual_add(x, self.ff(h, height, width), gate_mlp)  # (B, N, C)
 
 
 # -------------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class TextContext:
+    """The caption as the blocks' cross-attention reads it: per block, keys and values
+    (B, L, inner) each, and the mask as an additive bias (B, 1, 1, L). Made by
+    ``SanaTransformer.prepare_text``; passing it as ``text`` skips the caption projection and
+    the K/V products, which do not change between sampling steps."""
+
+    kv: tuple[tuple[Tensor, Tensor], ...]
+    bias: Tensor | None
+
+    @property
+    def batch(self) -> int:
+        return self.kv[0][0].shape[0]
 
 
 class PatchEmbed(nn.Module):
@@ -318,7 +348,7 @@ class SanaTransformer(nn.Module):
         self,
         x: Tensor,
         t: Tensor | float,
-        text: Tensor,
+        text: Tensor | TextContext,
         text_mask: Tensor | None = None,
         guidance: Tensor | None = None,
     ) -> Tensor:
@@ -327,6 +357,7 @@ class SanaTransformer(nn.Module):
         b, _, height, width = x.shape
         p = cfg.patch_size
         self._check_inputs(x, text, text_mask)
+        context = text if isinstance(text, TextContext) else self.prepare_text(text, text_mask)
         gh, gw = height // p, width // p
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(b)  # (B,)
         if guidance is not None:
@@ -339,16 +370,14 @@ class SanaTransformer(nn.Module):
             )  # (1, N, C)
             tokens = (tokens + pos).to(work)  # (B, N, C)
         t6, temb = self.time_embed(t, guidance, work)  # (B, 6C), (B, C)
-        text = self.caption_norm(self.caption_projection(text.to(work)))  # (B, L, C)
-        text_bias = mask_to_bias(text_mask, work)  # (B, 1, 1, L) or None
 
-        for block in self.transformer_blocks:
+        for block, kv in zip(self.transformer_blocks, context.kv, strict=True):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(
-                    block, tokens, t6, text, text_bias, gh, gw, use_reentrant=False
+                    block, tokens, t6, kv, context.bias, gh, gw, use_reentrant=False
                 )  # (B, N, C)
             else:
-                tokens = block(tokens, t6, text, text_bias, gh, gw)  # (B, N, C)
+                tokens = block(tokens, t6, kv, context.bias, gh, gw)  # (B, N, C)
 
         table = (self.scale_shift_table[None] + temb[:, None]).to(work)  # (B, 2, C)
         shift, scale = table[:, :, None].unbind(1)  # (B, 1, C) each
@@ -358,8 +387,26 @@ class SanaTransformer(nn.Module):
         out = out.permute(0, 5, 1, 3, 2, 4).reshape(b, cfg.out_channels, height, width)
         return out.to(dtype)  # (B, C_out, H, W)
 
-    def _check_inputs(self, x: Tensor, text: Tensor, text_mask: Tensor | None) -> None:
+    def prepare_text(self, text: Tensor, text_mask: Tensor | None = None) -> TextContext:
+        """Caption features (B, L, caption_channels) and mask → every block's cross-attention
+        keys and values. ``model(x, t, model.prepare_text(text, mask))`` equals
+        ``model(x, t, text, mask)``; a sampler reuses the context at every step."""
+        work = matmul_dtype(text.device, self.dtype)
+        text = self.caption_norm(self.caption_projection(text.to(work)))  # (B, L, C)
+        kv = tuple(block.attn2.project_text(text) for block in self.transformer_blocks)
+        return TextContext(kv, mask_to_bias(text_mask, work))  # bias (B, 1, 1, L) or None
+
+    def _check_inputs(self, x: Tensor, text: Tensor | TextContext, text_mask: Tensor | None):
         cfg = self.config
+        if isinstance(text, TextContext):
+            if text_mask is not None:
+                raise ValueError("text_mask must be None when text is a TextContext (it has one)")
+            if text.batch != x.shape[0] or len(text.kv) != cfg.depth:
+                raise ValueError(
+                    f"this TextContext has batch {text.batch} and {len(text.kv)} blocks; x has "
+                    f"batch {x.shape[0]} and the model {cfg.depth} blocks"
+                )
+            return
         if x.dim() != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(
                 f"x must have shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}"
