@@ -1,9 +1,9 @@
 """The Triton kernels (fastsana.kernels) against the PyTorch reference paths.
 
 On a machine with a GPU the kernels run compiled on CUDA. Without one they run in Triton's
-interpreter on the CPU (TRITON_INTERPRET=1, set before fastsana.kernels is first imported,
-since Triton reads it when a kernel is defined): the same kernel code, indexing and masking,
-executed with numpy. The models' dispatch is exercised by forcing ``use_triton`` on.
+interpreter on the CPU (TRITON_INTERPRET=1, set by conftest.py before Triton is first
+imported): the same kernel code, indexing and masking, executed with numpy.
+The models' dispatch is exercised by forcing ``use_triton`` on.
 """
 
 from __future__ import annotations
@@ -13,20 +13,18 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from dit_helpers import dit_inputs, random_dit
+from test_dcae import CASES
+
+from fastsana import kernels, runtime
+from fastsana.checkpoints.autoencoder import config_from_diffusers
+from fastsana.configs import DIT_PRESETS
+from fastsana.models import attention, dcae, ops
+from fastsana.models.dcae import DCAE
 
 GPU = torch.cuda.is_available()
-if not GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from dit_helpers import dit_inputs, random_dit  # noqa: E402
-from test_dcae import CASES  # noqa: E402
-
-from fastsana import kernels, runtime  # noqa: E402
-from fastsana.checkpoints.autoencoder import config_from_diffusers  # noqa: E402
-from fastsana.configs import DIT_PRESETS  # noqa: E402
-from fastsana.models import attention, dcae, ops  # noqa: E402
-from fastsana.models.dcae import DCAE  # noqa: E402
-
+# conftest.py sets TRITON_INTERPRET=1 without a GPU, before anything imports Triton.
+assert GPU or os.environ.get("TRITON_INTERPRET") == "1", "run these tests through pytest"
 DEVICE = torch.device("cuda" if GPU else "cpu")
 # numpy has no bf16, so the interpreter cannot run it; fp16 exercises the half-precision loads.
 HALF_DTYPES = [torch.float16, torch.bfloat16] if GPU else [torch.float16]

@@ -221,11 +221,16 @@ class CrossAttention(nn.Module):
             k = self.norm_k(k)
         return k, v
 
-    def forward(self, x: Tensor, text_kv: tuple[Tensor, Tensor], bias: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, text: Tensor | tuple[Tensor, Tensor], bias: Tensor | None
+    ) -> Tensor:
+        """``text``: the projected caption (B, L, C), or its keys and values from
+        ``project_text`` (made once per image at inference)."""
         q = linear(x, self.to_q)  # (B, N, inner)
         if hasattr(self, "norm_q"):
             q = self.norm_q(q)
-        k, v = text_kv  # (B, L, inner) each
+        # Projected here when not given: under FSDP a block's weights exist only in its forward.
+        k, v = text if isinstance(text, tuple) else self.project_text(text)  # (B, L, inner) each
         out = softmax_attention(q, k, v, self.heads, bias)  # (B, N, inner)
         return linear(out, self.to_out[0])  # (B, N, C)
 
@@ -266,7 +271,7 @@ class SanaBlock(nn.Module):
         self,
         x: Tensor,
         t6: Tensor,
-        text_kv: tuple[Tensor, Tensor],
+        text: Tensor | tuple[Tensor, Tensor],
         text_bias: Tensor | None,
         height: int,
         width: int,
@@ -278,7 +283,7 @@ class SanaBlock(nn.Module):
         # The first residual makes a new tensor; the later ones may then update it in place
         # (never the caller's x).
         x = torch.addcmul(x, gate_msa, self.attn1(h))  # (B, N, C)
-        x = residual_add(x, self.attn2(x, text_kv, text_bias))  # (B, N, C)
+        x = residual_add(x, self.attn2(x, text, text_bias))  # (B, N, C)
         h = modulate(F.layer_norm(x, (c,), eps=self.eps), shift_mlp, scale_mlp)  # (B, N, C)
         return residual_add(x, self.ff(h, height, width), gate_mlp)  # (B, N, C)
 
@@ -357,7 +362,11 @@ class SanaTransformer(nn.Module):
         b, _, height, width = x.shape
         p = cfg.patch_size
         self._check_inputs(x, text, text_mask)
-        context = text if isinstance(text, TextContext) else self.prepare_text(text, text_mask)
+        if isinstance(text, TextContext):  # the caption's K/V, made once per image
+            per_block, text_bias = text.kv, text.bias
+        else:  # each block projects the caption itself
+            text = self.caption_norm(self.caption_projection(text.to(work)))  # (B, L, C)
+            per_block, text_bias = (text,) * cfg.depth, mask_to_bias(text_mask, work)
         gh, gw = height // p, width // p
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(b)  # (B,)
         if guidance is not None:
@@ -371,13 +380,13 @@ class SanaTransformer(nn.Module):
             tokens = (tokens + pos).to(work)  # (B, N, C)
         t6, temb = self.time_embed(t, guidance, work)  # (B, 6C), (B, C)
 
-        for block, kv in zip(self.transformer_blocks, context.kv, strict=True):
+        for block, block_text in zip(self.transformer_blocks, per_block, strict=True):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(
-                    block, tokens, t6, kv, context.bias, gh, gw, use_reentrant=False
+                    block, tokens, t6, block_text, text_bias, gh, gw, use_reentrant=False
                 )  # (B, N, C)
             else:
-                tokens = block(tokens, t6, kv, context.bias, gh, gw)  # (B, N, C)
+                tokens = block(tokens, t6, block_text, text_bias, gh, gw)  # (B, N, C)
 
         table = (self.scale_shift_table[None] + temb[:, None]).to(work)  # (B, 2, C)
         shift, scale = table[:, :, None].unbind(1)  # (B, 1, C) each
