@@ -365,8 +365,8 @@ class SanaTransformer(nn.Module):
         if isinstance(text, TextContext):  # the caption's K/V, made once per image
             per_block, text_bias = text.kv, text.bias
         else:  # each block projects the caption itself
-            text = self.caption_norm(self.caption_projection(text.to(work)))  # (B, L, C)
-            per_block, text_bias = (text,) * cfg.depth, mask_to_bias(text_mask, work)
+            text, text_bias = self._embed_caption(text, text_mask)  # (B, L, C), (B, 1, 1, L)
+            per_block = (text,) * cfg.depth
         gh, gw = height // p, width // p
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(b)  # (B,)
         if guidance is not None:
@@ -400,10 +400,14 @@ class SanaTransformer(nn.Module):
         """Caption features (B, L, caption_channels) and mask → every block's cross-attention
         keys and values. ``model(x, t, model.prepare_text(text, mask))`` equals
         ``model(x, t, text, mask)``; a sampler reuses the context at every step."""
+        text, bias = self._embed_caption(text, text_mask)  # (B, L, C), (B, 1, 1, L) or None
+        kv = tuple(block.attn2.project_text(text) for block in self.transformer_blocks)
+        return TextContext(kv, bias)
+
+    def _embed_caption(self, text: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         work = matmul_dtype(text.device, self.dtype)
         text = self.caption_norm(self.caption_projection(text.to(work)))  # (B, L, C)
-        kv = tuple(block.attn2.project_text(text) for block in self.transformer_blocks)
-        return TextContext(kv, mask_to_bias(text_mask, work))  # bias (B, 1, 1, L) or None
+        return text, mask_to_bias(mask, work)  # bias (B, 1, 1, L) or None
 
     def _check_inputs(self, x: Tensor, text: Tensor | TextContext, text_mask: Tensor | None):
         cfg = self.config
