@@ -41,6 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--depth", type=int, default=None, help="run only the first N DiT blocks")
     c.add_argument("--pipeline-px", type=int, default=1024)
     c.add_argument("--steps", type=int, default=20, help="pipeline steps (CFG, batch 2)")
+    c.add_argument("--batch", type=int, default=1, help="pipeline images per run")
+    c.add_argument("--pipeline-repeats", type=int, default=1, help="timed pipeline runs")
+    c.add_argument(
+        "--pipeline-compile",
+        choices=["none", "blocks", "blocks-cudagraphs"],
+        default="none",
+        help="torch.compile every DiT block of both pipelines (see bench/pipeline_run.py)",
+    )
     c.add_argument("--compile", action="store_true", help="torch.compile our DiT (timed after)")
     c.add_argument("--name", default=None, help="block name in docs/benchmarks.md")
     c.add_argument("--no-write", action="store_true", help="print only")
@@ -65,18 +73,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_device(device: str) -> None:
+def _check_device(device: str, dtype: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
-    if device == "cuda":
-        raise SystemExit("--device cuda: the CUDA side of the harness is not written yet")
+    if device == "cpu" and dtype == "fp16":
+        raise SystemExit("--dtype fp16 is for CUDA; on CPU use fp32 or bf16")
 
 
 def cmd_compare(args: argparse.Namespace, command: str) -> None:
-    _check_device(args.device)
-    machine = measure.machine_description()
+    _check_device(args.device, args.dtype)
+    machine = measure.machine_description(args.device)
     print(report.machine_line(machine))
-    peaks = {name: measure.gemm_peak(dt) for name, dt in models.DTYPES.items()}
+    peak_dtypes = ("fp32", "bf16") + (("fp16",) if args.device == "cuda" else ())
+    peaks = {
+        name: measure.gemm_peak(models.DTYPES[name], device=args.device) for name in peak_dtypes
+    }
     print(report.peaks_line(peaks))
     what = ["dit", "dcae", "pipeline"] if args.what == "all" else [args.what]
     names = [m for m in args.models.split(",") if m]
@@ -90,23 +101,37 @@ def cmd_compare(args: argparse.Namespace, command: str) -> None:
 
         for name in names:
             rows += compare_dit(
-                name, args.dtype, args.sizes, args.repeats, args.depth, log, args.compile
-            )
+                name, args.dtype, args.sizes, args.repeats, args.depth, log, args.compile,
+                args.device,
+            )  # fmt: skip
     if "dcae" in what:
         from bench.compare import compare_dcae
 
-        rows += compare_dcae(args.dtype, args.ae_sizes, args.repeats, log)
+        rows += compare_dcae(args.dtype, args.ae_sizes, args.repeats, log, args.device)
     if "pipeline" in what:  # long: last
         from bench.compare import compare_pipeline
 
-        rows.append(compare_pipeline(names[0], args.dtype, args.pipeline_px, args.steps, log))
+        rows.append(
+            compare_pipeline(
+                names[0],
+                args.dtype,
+                args.pipeline_px,
+                args.steps,
+                log,
+                args.device,
+                args.batch,
+                args.pipeline_repeats,
+                args.pipeline_compile,
+            )
+        )
     body = (
         f"Command: `{command}`  \nMachine: {report.machine_line(machine)}  \n"
         f"{report.peaks_line(peaks)}\n\n{report.compare_table(rows, peaks)}"
     )
     print(body)
     if not args.no_write:
-        name = args.name or f"compare-{args.what}-{args.dtype}"
+        suffix = "" if args.device == "cpu" else f"-{args.device}"
+        name = args.name or f"compare-{args.what}-{args.dtype}{suffix}"
         report.write_block(name, body, {"command": command, "machine": machine, "peaks": peaks,
                                         "rows": report.rows_record(rows)})  # fmt: skip
 

@@ -60,19 +60,24 @@ def _run_pair(
     repeats: int,
     flops: float | None,
     notes: str = "",
+    device: str = "cpu",
 ) -> Row:
+    """On CUDA the first call of each (kernel selection, compilation) is followed by a second
+    untimed one: CUDA times are milliseconds, so a leftover first-call cost would dominate."""
     with torch.no_grad():
         outputs, warm = {}, {}
         for name, fn in calls.items():  # warm-up, also the parity check
             t0 = time.perf_counter()
             outputs[name] = fn()
+            measure.synchronize(device)
             warm[name] = time.perf_counter() - t0
         diff = _rel_diff(outputs["ours"], outputs["diffusers"])
         del outputs
         if max(warm.values()) > SLOW_S and repeats > 1:
             notes = (notes + "; " if notes else "") + "slow case: 1 repeat"
             repeats = 1
-        timings = measure.interleaved(calls, repeats, warmup=0)
+        warmup = 1 if torch.device(device).type == "cuda" else 0
+        timings = measure.interleaved(calls, repeats, warmup=warmup, device=device)
     return Row(
         component=component,
         model=model,
@@ -115,6 +120,7 @@ def compare_dit(
     depth: int | None = None,
     log: Callable[[str], None] = print,
     compile_ours: bool = False,
+    device: str = "cpu",
 ) -> list[Row]:
     """``compile_ours``: wrap our model in ``torch.compile`` (compilation happens in the
     untimed warm-up call)."""
@@ -123,16 +129,17 @@ def compare_dit(
     label = model if depth is None else f"{model} (first {depth} blocks)"
     if compile_ours:
         label += ", ours torch.compile'd"
-    nets = {which: models.build_dit(config, which, dtype) for which in IMPLS}
+    nets = {which: models.build_dit(config, which, dtype, device) for which in IMPLS}
     if compile_ours:
         nets["ours"] = torch.compile(nets["ours"])
     rows = []
     for pixels in sizes:
-        inputs = models.dit_inputs(config, pixels)
+        inputs = models.dit_inputs(config, pixels, device=device)
         calls = {w: models.dit_call(nets[w], w, inputs, dtype) for w in IMPLS}
         n = repeats(pixels) if callable(repeats) else repeats
-        log(f"dit {label} {dtype_name} {pixels}px ×{n} …")
-        row = _run_pair("dit", label, dtype_name, pixels, calls, n, dit_flops(config, pixels))
+        log(f"dit {label} {dtype_name} {pixels}px ×{n} on {device} …")
+        flops = dit_flops(config, pixels)
+        row = _run_pair("dit", label, dtype_name, pixels, calls, n, flops, device=device)
         log(_summary(row))
         rows.append(row)
     del nets
@@ -145,12 +152,16 @@ def compare_dcae(
     sizes: list[int],
     repeats: int,
     log: Callable[[str], None] = print,
+    device: str = "cpu",
 ) -> list[Row]:
-    """DC-AE decode through ``bench/dcae.py``'s worker (owned by the DC-AE work): each decode
-    runs in a fresh subprocess, so its peak RSS is that configuration's (weights included).
-    Repeats alternate the order of the implementations. The two models get different random
-    weights there (torch default init), so no output comparison is made here; the DC-AE
-    parity tests cover it."""
+    """DC-AE decode. On CPU through ``bench/dcae.py``'s worker (owned by the DC-AE work): each
+    decode runs in a fresh subprocess, so its peak RSS is that configuration's (weights
+    included). Repeats alternate the order of the implementations. The two models get
+    different random weights there (torch default init), so no output comparison is made; the
+    DC-AE parity tests cover it. On CUDA both run in this process with the same random weights
+    (``_compare_dcae_here``): the allocator reports each call's peak, and outputs are compared."""
+    if torch.device(device).type != "cpu":
+        return _compare_dcae_here(dtype_name, sizes, repeats, log, device)
     from bench import dcae
 
     config = models.ae_config()
@@ -184,29 +195,71 @@ def compare_dcae(
     return rows
 
 
+def _compare_dcae_here(
+    dtype_name: str, sizes: list[int], repeats: int, log: Callable[[str], None], device: str
+) -> list[Row]:
+    dtype = models.DTYPES[dtype_name]
+    config = models.ae_config()
+    ours, theirs = (models.build_dcae(config, w, dtype, device) for w in IMPLS)
+    rows = []
+    for pixels in sizes:
+        side = pixels // models.AE_FACTOR
+        g = torch.Generator().manual_seed(1)
+        z = torch.randn(1, config.latent_channels, side, side, generator=g).to(device, dtype)
+        calls = {
+            "ours": lambda z=z, ae=ours: ae.decode(z, tiled=False),
+            "diffusers": lambda z=z, ae=theirs: ae.decode(z).sample,
+        }
+        log(f"dcae {dtype_name} {pixels}px ×{repeats} on {device} …")
+        flops = dcae_flops(config, z)
+        notes = "peak = CUDA allocator peak during the decode, above the weights"
+        row = _run_pair("dcae", models.AE_MODEL, dtype_name, pixels, calls, repeats, flops,
+                        notes, device)  # fmt: skip
+        log(_summary(row))
+        rows.append(row)
+    del ours, theirs
+    gc.collect()
+    return rows
+
+
 def compare_pipeline(
-    model: str, dtype_name: str, pixels: int, steps: int, log: Callable[[str], None] = print
+    model: str,
+    dtype_name: str,
+    pixels: int,
+    steps: int,
+    log: Callable[[str], None] = print,
+    device: str = "cpu",
+    batch: int = 1,
+    repeats: int = 1,
+    compile_mode: str = "none",
 ) -> Row:
-    """Each implementation in a fresh subprocess (``python -m bench.pipeline_run``)."""
+    """Each implementation in a fresh subprocess (``python -m bench.pipeline_run``), so each
+    process's peak memory is that pipeline's."""
     results = {}
     for which in IMPLS:
-        log(f"pipeline {which} {model} {dtype_name} {pixels}px {steps} steps …")
-        cmd = [sys.executable, "-m", "bench.pipeline_run", which, model, dtype_name,
-               str(pixels), str(steps), str(torch.get_num_threads())]  # fmt: skip
+        log(f"pipeline {which} {model} {dtype_name} {pixels}px {steps} steps batch {batch} "
+            f"compile={compile_mode} on {device} …")  # fmt: skip
+        cmd = [sys.executable, "-m", "bench.pipeline_run", "--impl", which, "--model", model,
+               "--dtype", dtype_name, "--px", str(pixels), "--steps", str(steps),
+               "--device", device, "--batch", str(batch), "--repeats", str(repeats),
+               "--compile", compile_mode, "--threads", str(torch.get_num_threads())]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
         results[which] = json.loads(done.stdout.strip().splitlines()[-1])
         log(f"  {which}: {results[which]}")
+    label = f"{model} + {models.AE_MODEL}, batch {batch}"
+    if compile_mode != "none":
+        label += f", both compile={compile_mode}"
     row = Row(
         component="pipeline",
-        model=f"{model} + {models.AE_MODEL}",
+        model=label,
         dtype=dtype_name,
         pixels=pixels,
-        repeats=1,
+        repeats=repeats,
         seconds={w: r["total_s"] for w, r in results.items()},
-        all_seconds={w: [r["total_s"]] for w, r in results.items()},
-        peak_mib={w: round(r["max_rss"] / 2**20, 1) for w, r in results.items()},
+        all_seconds={w: r["all_s"] for w, r in results.items()},
+        peak_mib={w: round(r["peak_bytes"] / 2**20, 1) for w, r in results.items()},
         flops=None,
         max_rel_diff=None,
         load_average=measure.load_average(),

@@ -78,6 +78,7 @@ def main() -> None:
                 for i in range(4):  # interleaved: off, on, on, off
                     on = i in (1, 2)
                     os.environ["FASTSANA_TRITON"] = "1" if on else "0"  # read per call
+                    os.environ["FASTSANA_TRITON_DWCONV_GLU"] = "1"  # opt-in: time it anyway
                     ms.setdefault(on, []).append(_time_cuda(fn))
                 torch_ms, triton_ms = min(ms[False]), min(ms[True])
                 print(

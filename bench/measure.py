@@ -91,11 +91,49 @@ class Timing:
         return statistics.median(self.times)
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued device work (CUDA runs asynchronously; CPU work is done on return)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakCUDA:
+    """Peak CUDA memory allocated while the block runs, above what was allocated at entry
+    (the caching allocator's own count: tensors, not the driver's reserved pool)."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.start = self.peak = 0
+
+    def __enter__(self) -> PeakCUDA:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.cuda.synchronize(self.device)
+        self.peak = torch.cuda.max_memory_allocated(self.device)
+
+    @property
+    def peak_delta(self) -> int:
+        return self.peak - self.start
+
+
+def peak_memory(device: torch.device | str) -> PeakRSS | PeakCUDA:
+    """The peak-memory probe for ``device``: RSS on the CPU, the allocator's peak on CUDA."""
+    return PeakCUDA(device) if torch.device(device).type == "cuda" else PeakRSS()
+
+
 def interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Timing]:
     """Time each callable ``repeats`` times, alternating between them (A B, B A, A B …) so a
-    drift in machine load hits all of them alike. Warm-up calls are not timed."""
+    drift in machine load hits all of them alike. Warm-up calls are not timed. On CUDA each
+    call is timed from an idle device until its work has finished."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -103,9 +141,10 @@ def interleaved(
     result = {name: Timing() for name in names}
     for i in range(repeats):
         for name in names if i % 2 == 0 else reversed(names):
-            with PeakRSS() as mem:
+            with peak_memory(device) as mem:
                 t0 = time.perf_counter()
                 fns[name]()
+                synchronize(device)
                 elapsed = time.perf_counter() - t0
             result[name].times.append(elapsed)
             result[name].peak_delta = max(result[name].peak_delta, mem.peak_delta)
@@ -128,30 +167,42 @@ def count_flops(fn: Callable[[], object]) -> int:
 # ------------------------------------------------------------------------------ peaks
 
 
-def _fastest(fn: Callable[[], object], repeats: int) -> float:
+def _fastest(fn: Callable[[], object], repeats: int, device: torch.device | str = "cpu") -> float:
     """The shortest wall time of ``repeats`` calls of ``fn``, in seconds."""
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return best
 
 
-def gemm_peak(dtype: torch.dtype, size: int = 2048, budget_s: float = 10.0) -> dict[str, float]:
-    """Best FLOP/s of a square ``size``³ matmul in ``dtype`` (3 timed repeats).
+def gemm_peak(
+    dtype: torch.dtype,
+    size: int | None = None,
+    budget_s: float = 10.0,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Best FLOP/s of a square ``size``³ matmul in ``dtype`` on random data (never zeros: some
+    hardware multiplies zeros faster). ``size`` defaults to 2048 on CPU and 8192 on CUDA (a GPU
+    needs the larger product to reach its peak); 3 timed repeats on CPU, 10 on CUDA.
 
     If a 512³ probe predicts one ``size``³ product takes longer than ``budget_s`` (half
     precision without hardware support), the size is halved until it fits, and reported."""
-    probe = torch.randn(512, 512, dtype=torch.float32).to(dtype)
+    cuda = torch.device(device).type == "cuda"
+    size = size or (8192 if cuda else 2048)
+    probe = torch.randn(512, 512, dtype=torch.float32).to(device, dtype)
     probe @ probe
-    rate = 2 * 512**3 / max(_fastest(lambda: probe @ probe, 2), 1e-9)
+    rate = 2 * 512**3 / max(_fastest(lambda: probe @ probe, 2, device), 1e-9)
     while size > 256 and 2 * size**3 / rate > budget_s:
         size //= 2
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    a @ b
-    best = _fastest(lambda: a @ b, 3)
+    a = torch.randn(size, size).to(device, dtype)
+    b = torch.randn(size, size).to(device, dtype)
+    for _ in range(3 if cuda else 1):  # warm-up (and the GPU's clocks up)
+        a @ b
+    best = _fastest(lambda: a @ b, 10 if cuda else 3, device)
     return {"size": size, "seconds": best, "flops_per_s": 2 * size**3 / best}
 
 
@@ -182,7 +233,25 @@ def cpu_features() -> str:
     return ", ".join(name for name, present in flags.items() if present) or "none"
 
 
-def machine_description() -> dict[str, object]:
+def gpu_description(device: torch.device | str = "cuda") -> dict[str, object]:
+    """The CUDA device's name, memory, SM count and the CUDA/driver versions torch reports."""
+    props = torch.cuda.get_device_properties(device)
+    desc: dict[str, object] = {
+        "gpu": props.name,
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "gpu_sms": props.multi_processor_count,
+        "cuda": torch.version.cuda,
+    }
+    try:
+        import triton
+
+        desc["triton"] = triton.__version__
+    except ImportError:
+        desc["triton"] = None
+    return desc
+
+
+def machine_description(device: torch.device | str = "cpu") -> dict[str, object]:
     load1, load5, load15 = os.getloadavg()
     desc: dict[str, object] = {
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -202,6 +271,8 @@ def machine_description() -> dict[str, object]:
         desc["diffusers"] = diffusers.__version__
     except ImportError:
         desc["diffusers"] = None
+    if torch.device(device).type == "cuda":
+        desc.update(gpu_description(device))
     return desc
 
 

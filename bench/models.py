@@ -20,7 +20,7 @@ from fastsana.configs import AutoencoderConfig, DiTConfig, ae_preset, dit_preset
 from fastsana.models.dcae import DCAE
 from fastsana.models.dit import SanaTransformer
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DIT_MODELS = ("sana-0.6b", "sana-1.6b")
 AE_MODEL = "dc-ae-f32c32-sana-1.0"
 TEXT_TOKENS = 300  # SANA's caption length (with the complex human instruction)

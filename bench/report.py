@@ -41,7 +41,13 @@ def write_block(name: str, body: str, record: dict) -> None:
 
 
 def machine_line(machine: dict) -> str:
-    return (
+    gpu = ""
+    if machine.get("gpu"):
+        gpu = (
+            f"{machine['gpu']} ({machine['gpu_memory_gib']} GiB, {machine['gpu_sms']} SMs, "
+            f"CUDA {machine['cuda']}, Triton {machine['triton']}); host "
+        )
+    return gpu + (
         f"{machine['cpu']} ({machine['cpu_features']}; torch capability "
         f"{machine['torch_cpu_capability']}), {machine['logical_cpus']} CPUs, "
         f"{machine['torch_threads']} torch threads, {machine['memory_gib']} GiB, "
@@ -76,11 +82,22 @@ def compare_table(rows: list[Row], peaks: dict) -> str:
             rates = "– | – | – | –"
         diff = "–" if r.max_rel_diff is None else f"{r.max_rel_diff:.1e}"
         lines.append(
-            f"| {r.component} | {r.model} | {r.dtype} | {r.pixels} | {o:.2f} | {d:.2f} | "
+            f"| {r.component} | {r.model} | {r.dtype} | {r.pixels} | {_secs(o)} | {_secs(d)} | "
             f"**×{d / o:.2f}** | {rates} | {r.peak_mib['ours']:.0f} / "
             f"{r.peak_mib['diffusers']:.0f} | {diff} | {r.repeats} | {r.load_average} |"
         )
     return head + "\n".join(lines) + "\n"
+
+
+def _secs(seconds: float) -> str:
+    """Two decimals for seconds, three significant digits below one (GPU times)."""
+    return f"{seconds:.2f}" if seconds >= 1 else f"{seconds:.3g}"
+
+
+def rows_from_record(record: list[dict]) -> list[Row]:
+    """The inverse of ``rows_record`` (to redraw a table from ``benchmarks.json``)."""
+    names = {f.name for f in dataclasses.fields(Row)}
+    return [Row(**{k: v for k, v in r.items() if k in names}) for r in record]
 
 
 def rows_record(rows: list[Row]) -> list[dict]:

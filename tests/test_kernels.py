@@ -155,7 +155,7 @@ def force_kernels(monkeypatch):
     }
     for name, counter in counters.items():
         monkeypatch.setattr(kernels, name, counter)
-    forced = lambda device: not torch.is_grad_enabled()  # noqa: E731
+    forced = lambda device, kernel="linear_attention": not torch.is_grad_enabled()  # noqa: E731
     for module in (attention, ops, dcae):
         monkeypatch.setattr(module, "use_triton", forced)
     return counters
@@ -168,7 +168,7 @@ def test_dit_forward_with_kernels_matches_pytorch_path(force_kernels) -> None:
     with torch.no_grad():
         with pytest.MonkeyPatch.context() as off:  # the reference: PyTorch path
             for module in (attention, ops, dcae):
-                off.setattr(module, "use_triton", lambda device: False)
+                off.setattr(module, "use_triton", lambda device, kernel="": False)
             ref = model(x, t, text, mask)
         out = model(x, t, text, mask)
     assert force_kernels["relu_linear_attention"].calls == config.depth
@@ -186,7 +186,7 @@ def test_dcae_decode_with_kernels_matches_pytorch_path(force_kernels) -> None:
     with torch.no_grad():
         with pytest.MonkeyPatch.context() as off:
             for module in (attention, ops, dcae):
-                off.setattr(module, "use_triton", lambda device: False)
+                off.setattr(module, "use_triton", lambda device, kernel="": False)
             ref = model.decode(z, progress=False)
         out = model.decode(z, progress=False)
     assert force_kernels["relu_linear_attention"].calls > 0
@@ -205,3 +205,11 @@ def test_use_triton_decision(monkeypatch) -> None:
     monkeypatch.delenv("FASTSANA_TRITON")
     with torch.enable_grad():
         assert not runtime.use_triton(cuda)  # no backward in the kernels
+    with torch.no_grad():  # the fused dwconv + GLU is opt-in (slower than cuDNN on an H100)
+        assert not runtime.use_triton(cuda, "dwconv_glu")
+        monkeypatch.setenv("FASTSANA_TRITON_DWCONV_GLU", "1")
+        assert runtime.use_triton(cuda, "dwconv_glu")
+        monkeypatch.setenv("FASTSANA_TRITON_LINEAR_ATTENTION", "0")
+        assert not runtime.use_triton(cuda)
+        with pytest.raises(ValueError, match="kernel must be one of"):
+            runtime.use_triton(cuda, "softmax")

@@ -140,6 +140,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     pipe = SanaPipeline.from_pretrained(
         model, dtype=parse_dtype(args.dtype), device=args.device, quantize=args.quantize
     )
+    pipe.cuda_graphs = not args.no_cuda_graphs
     settings = pipe.resolve(height, width, args.steps, args.guidance, args.sampler, args.seed)
     seed = settings.seed if settings.seed is not None else random.randrange(2**31)
     use_instruction = pipe.defaults.instruction and not args.no_instruction
@@ -255,6 +256,11 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="encode the prompt without the complex human instruction "
         "(models trained without one never use it)",
+    )
+    gen.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="on CUDA, run the DiT eagerly instead of replaying it from CUDA graphs",
     )
     gen.add_argument(
         "--no-binning",

@@ -25,6 +25,7 @@ from fastsana.checkpoints.autoencoder import load_autoencoder, save_autoencoder
 from fastsana.checkpoints.common import CheckpointError, atomic_write_json, read_json
 from fastsana.checkpoints.transformer import load_transformer, save_transformer
 from fastsana.configs import SamplingDefaults
+from fastsana.cuda_graphs import GraphedTransformer
 from fastsana.models.dcae import DCAE
 from fastsana.models.dit import SanaTransformer
 from fastsana.models.text_encoder import DEFAULT_INSTRUCTION, Instruction, TextEncoder
@@ -93,6 +94,7 @@ class SanaPipeline:
         text_encoder: TextEncoder | None,
         defaults: SamplingDefaults | None = None,
         offload_text_encoder: bool | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         if vae.config.latent_channels != transformer.config.in_channels:
             raise ValueError(
@@ -112,6 +114,10 @@ class SanaPipeline:
         self.text_encoder = text_encoder
         self.defaults = defaults or SamplingDefaults()
         self.offload_text_encoder = offload_text_encoder
+        # On CUDA, replay the DiT from CUDA graphs (fastsana.cuda_graphs); kept across calls,
+        # so later images of the same size skip the recording.
+        self.cuda_graphs = cuda_graphs
+        self._graphed: GraphedTransformer | None = None
 
     # ------------------------------------------------------------------ loading, saving
 
@@ -365,8 +371,17 @@ class SanaPipeline:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         return GenerationSettings(height, width, steps, guidance_scale, d.flow_shift, sampler, seed)
 
+    def _forward(self):
+        """The DiT as the sampler calls it: replayed from CUDA graphs where they are on."""
+        if not (self.cuda_graphs and self.device.type == "cuda"):
+            return self.transformer
+        if self._graphed is None or self._graphed.transformer is not self.transformer:
+            self._graphed = GraphedTransformer(self.transformer)
+        return self._graphed
+
     def _denoiser(self, timestep_fn):
         model, scale = self.transformer, self.transformer.config.timestep_scale
+        forward = self._forward()
         cache: dict[str, object] = {}
 
         def denoise(x: Tensor, sigma: Tensor, text: Tensor, mask: Tensor) -> Tensor:
@@ -376,7 +391,7 @@ class SanaPipeline:
             if cache.get("text") is not text or cache.get("mask") is not mask:
                 context = model.prepare_text(text.to(model.dtype), mask)
                 cache.update(text=text, mask=mask, context=context)
-            return model(x.to(model.dtype), t, cache["context"]).float()
+            return forward(x.to(model.dtype), t, cache["context"]).float()
 
         return denoise
 

@@ -79,14 +79,27 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def use_triton(device: torch.device) -> bool:
-    """Whether inference on ``device`` runs the Triton kernels of ``fastsana.kernels``.
+# Which Triton kernels run by default, from their timings against the PyTorch path on an H100
+# (docs/benchmarks.md, "GPU kernels"): the linear attention is 1.8-3.9x faster; the fused
+# depthwise conv + GLU is 0.67-0.77x (cuDNN's depthwise conv wins), so it is opt-in.
+TRITON_KERNELS = {"linear_attention": True, "dwconv_glu": False}
 
-    Yes on CUDA devices when Triton is installed, while autograd is off (the kernels have no
-    backward) and outside ``torch.compile`` (which fuses the PyTorch path itself). Set
-    ``FASTSANA_TRITON=0`` to use the PyTorch reference path everywhere.
+
+def use_triton(device: torch.device, kernel: str = "linear_attention") -> bool:
+    """Whether inference on ``device`` runs ``kernel`` from ``fastsana.kernels``.
+
+    Only on CUDA devices with Triton installed, while autograd is off (the kernels have no
+    backward) and outside ``torch.compile`` (which fuses the PyTorch path itself); then each
+    kernel follows ``TRITON_KERNELS``, overridden by ``FASTSANA_TRITON_<KERNEL>=0/1`` (e.g.
+    ``FASTSANA_TRITON_DWCONV_GLU=1``). ``FASTSANA_TRITON=0`` uses the PyTorch reference path
+    everywhere.
     """
+    if kernel not in TRITON_KERNELS:
+        raise ValueError(f"kernel must be one of {sorted(TRITON_KERNELS)}, got {kernel!r}")
     if device.type != "cuda" or os.environ.get("FASTSANA_TRITON", "1") == "0":
+        return False
+    default = "1" if TRITON_KERNELS[kernel] else "0"
+    if os.environ.get(f"FASTSANA_TRITON_{kernel.upper()}", default) != "1":
         return False
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False

@@ -39,7 +39,7 @@ def depthwise_glu(conv: nn.Conv2d, x: Tensor, silu_input: bool) -> Tensor:
     (``fastsana.kernels.dwconv_glu``); otherwise this PyTorch path, which is the reference.
     When autograd is off, x is treated as the caller's temporary and overwritten.
     """
-    if use_triton(x.device):
+    if use_triton(x.device, "dwconv_glu"):
         from fastsana.kernels import dwconv_glu
 
         return dwconv_glu(x, conv.weight, conv.bias, silu_input=silu_input)
