@@ -51,6 +51,20 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     assert (a / "metadata.jsonl").read_bytes() != (c / "metadata.jsonl").read_bytes()
 
 
+def test_parallel_workers_write_the_same_files(tmp_path):
+    one = make_dataset(tmp_path / "one", 5, size=48, seed=6, progress=False)
+    two = make_dataset(tmp_path / "two", 5, size=48, seed=6, workers=2, progress=False)
+    for name in ["metadata.jsonl"] + [f"{i:08d}.png" for i in range(5)]:
+        assert (one / name).read_bytes() == (two / name).read_bytes()
+    shards = [
+        make_dataset(tmp_path / f"w{w}", 5, size=48, seed=6, webdataset_shards=2, workers=w,
+                     progress=False)
+        for w in (1, 2)
+    ]  # fmt: skip
+    for name in ("shard-000000.tar", "shard-000001.tar"):
+        assert (shards[0] / name).read_bytes() == (shards[1] / name).read_bytes()
+
+
 def test_webdataset_shards_hold_the_same_records(tmp_path):
     folder = make_dataset(tmp_path / "f", 7, size=64, seed=4, progress=False)
     shards = make_dataset(tmp_path / "w", 7, size=64, seed=4, webdataset_shards=3, progress=False)
@@ -96,6 +110,7 @@ def test_held_out_pairs_only_when_asked(tmp_path):
         ({"n": 3, "size": 8}, "size must be"),
         ({"n": 3, "seed": -1}, "seed must be"),
         ({"n": 3, "webdataset_shards": 4}, "webdataset_shards"),
+        ({"n": 3, "workers": 0}, "workers must be"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, match):

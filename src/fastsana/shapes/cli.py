@@ -56,6 +56,12 @@ def add_shapes_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
         action="store_true",
         help="also draw the held-out colour/shape pairs",
     )
+    make.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="processes rendering in parallel (same files for any number)",
+    )
     make.set_defaults(func=_make_command)
 
     bench = commands.add_parser("bench", help="score a model (or the ground truth) on ShapesBench")
@@ -137,6 +143,7 @@ def _make_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         webdataset_shards=args.webdataset_shards,
         include_held_out=args.include_held_out,
+        workers=args.workers,
     )
     kind = f"{args.webdataset_shards} WebDataset shards" if args.webdataset_shards else "folder"
     print(f"wrote {args.n} images ({kind}) to {out}")

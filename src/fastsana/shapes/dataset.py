@@ -17,11 +17,13 @@ is written to a temporary name and renamed.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,7 @@ def make_dataset(
     webdataset_shards: int | None = None,
     include_held_out: bool = False,
     *,
+    workers: int = 1,
     progress: bool = True,
 ) -> Path:
     """Write ``n`` images with captions to ``out_dir``; returns ``out_dir``.
@@ -73,6 +76,8 @@ def make_dataset(
     With ``webdataset_shards=K`` the images go into K tar shards (contiguous, near-equal runs
     of keys) instead of the folder format. ``include_held_out`` lets images contain the
     ``HELD_OUT_PAIRS`` colour/shape combinations, which are otherwise never drawn.
+    ``workers`` processes render in parallel (images in the folder format, whole shards in the
+    WebDataset format); the files are the same for any number of workers.
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive number of images, got {n!r}")
@@ -86,30 +91,26 @@ def make_dataset(
         raise ValueError(
             f"webdataset_shards must be None or an integer in 1..n={n}, got {webdataset_shards!r}"
         )
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-
-    def record(i: int) -> tuple[Image.Image, dict]:
-        return make_record(i, seed=seed, size=size, include_held_out=include_held_out)
+    record = functools.partial(make_record, seed=seed, size=size, include_held_out=include_held_out)
 
     with tqdm(total=n, desc="shapes dataset", unit="img", disable=not progress) as bar:
         if webdataset_shards is None:
             lines = []
-            for i in range(n):
-                image, rec = record(i)
-                name = f"{i:08d}.png"
-                atomic_write_bytes(out / name, _png_bytes(image))
-                lines.append(json.dumps({"file_name": name, **rec}))
+            write = functools.partial(_write_image, out, record)
+            for line in _ordered_map(write, range(n), workers, chunksize=64):
+                lines.append(line)
                 bar.update()
             atomic_write_bytes(out / METADATA_FILE, ("\n".join(lines) + "\n").encode())
         else:
             bounds = np.linspace(0, n, webdataset_shards + 1).round().astype(int)
-            for k in range(webdataset_shards):
-                keys = range(int(bounds[k]), int(bounds[k + 1]))
-                atomic_write(
-                    out / f"shard-{k:06d}.tar",
-                    lambda tmp, keys=keys: _write_shard(tmp, keys, record, bar),
-                )
+            runs = [range(int(bounds[k]), int(bounds[k + 1])) for k in range(webdataset_shards)]
+            write = functools.partial(_write_shard_file, out, record)
+            for count in _ordered_map(write, list(enumerate(runs)), workers, chunksize=1):
+                bar.update(count)
     atomic_write_json(
         out / INFO_FILE,
         {
@@ -126,8 +127,34 @@ def make_dataset(
     return out
 
 
+def _ordered_map(fn: Callable, items, workers: int, chunksize: int) -> Iterator:
+    """``map(fn, items)``, in ``workers`` processes when more than one (results in order)."""
+    if workers == 1:
+        yield from map(fn, items)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        yield from pool.map(fn, items, chunksize=chunksize)
+
+
+def _write_image(out: Path, record: Callable[[int], tuple[Image.Image, dict]], i: int) -> str:
+    """Render image ``i``, write its PNG; returns its metadata line."""
+    image, rec = record(i)
+    name = f"{i:08d}.png"
+    atomic_write_bytes(out / name, _png_bytes(image))
+    return json.dumps({"file_name": name, **rec})
+
+
+def _write_shard_file(
+    out: Path, record: Callable[[int], tuple[Image.Image, dict]], job: tuple[int, range]
+) -> int:
+    """Write shard ``k`` holding ``keys``; returns the number of images in it."""
+    k, keys = job
+    atomic_write(out / f"shard-{k:06d}.tar", lambda tmp: _write_shard(tmp, keys, record))
+    return len(keys)
+
+
 def _write_shard(
-    path: Path, keys: range, record: Callable[[int], tuple[Image.Image, dict]], bar: tqdm
+    path: Path, keys: range, record: Callable[[int], tuple[Image.Image, dict]]
 ) -> None:
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for i in keys:
@@ -143,4 +170,3 @@ def _write_shard(
                 info.mode = 0o644
                 info.mtime = 0
                 tar.addfile(info, io.BytesIO(data))
-            bar.update()
