@@ -21,8 +21,8 @@ with graphs ``dit_s`` and ``dit_calls`` count only the eager (recording) calls.
 
 ``--compile blocks`` compiles each transformer block with ``torch.compile`` (regional
 compilation: the blocks share one compiled graph, so it compiles in seconds rather than
-minutes); ``blocks-cudagraphs`` adds torch's CUDA graphs (``mode="reduce-overhead"``). Not
-yet run on a GPU.
+minutes); ``blocks-cudagraphs`` adds torch's CUDA graphs (``mode="reduce-overhead"``). Checked
+on the CPU (``--compile blocks``); neither has run on a GPU yet.
 """
 
 from __future__ import annotations

@@ -54,6 +54,24 @@ def test_pipeline_images_with_and_without_graphs_are_equal() -> None:
     torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
 
 
+@needs_cuda
+def test_at_most_max_graphs_are_kept() -> None:
+    model, x, t, text, mask = _model_and_inputs("cuda")
+    graphed = GraphedTransformer(model, max_graphs=2)
+    with torch.no_grad():
+        context = model.prepare_text(text, mask)
+        for size in (4, 5, 6, 4):  # three shapes, then the first again
+            xs = torch.randn(x.shape[0], x.shape[1], size, size, device="cuda")
+            want = model(xs, t, context)
+            torch.testing.assert_close(graphed(xs, t, context), want, rtol=0, atol=0)
+    assert len(graphed._graphs) == 2 and graphed.replays == 0  # size 4 was forgotten
+
+
+def test_bad_max_graphs() -> None:
+    with pytest.raises(ValueError, match="max_graphs must be a positive int"):
+        GraphedTransformer(torch.nn.Identity(), max_graphs=0)
+
+
 def test_eager_on_cpu() -> None:
     model, x, t, text, mask = _model_and_inputs("cpu")
     graphed = GraphedTransformer(model)

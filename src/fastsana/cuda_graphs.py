@@ -16,9 +16,11 @@ launches them all with a single call.
   object changes) and replay the graph; the output is cloned, because the next replay
   overwrites the graph's output buffer.
 
-If recording fails (a model with an operation CUDA graphs cannot hold), the wrapper warns
-once and stays eager. Inference only; weights must not be replaced while graphs exist (they
-are recorded by address; in-place updates are seen), so call ``reset()`` after swapping them.
+Graphs are kept per set of shapes, the ``max_graphs`` most recently recorded ones (each holds
+its activations' memory). If recording fails (a model with an operation CUDA graphs cannot
+hold), the wrapper warns once and stays eager. Inference only; weights must not be replaced
+while graphs exist (they are recorded by address; in-place updates are seen), so call
+``reset()`` after swapping them.
 """
 
 from __future__ import annotations
@@ -74,8 +76,11 @@ def _shape_key(x: Tensor, t: Tensor, context: TextContext) -> tuple:
 class GraphedTransformer:
     """``transformer(x, t, context)``, replayed from CUDA graphs; see the module docstring."""
 
-    def __init__(self, transformer: SanaTransformer) -> None:
+    def __init__(self, transformer: SanaTransformer, max_graphs: int = 4) -> None:
+        if not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be a positive int, got {max_graphs!r}")
         self.transformer = transformer
+        self.max_graphs = max_graphs
         self.replays = 0  # graph replays so far (a test and a benchmark read it)
         self._graphs: dict[tuple, _Recorded] = {}
         self._pool = None
@@ -117,4 +122,6 @@ class GraphedTransformer:
             self._failed = True
             logger.warning("CUDA graph recording failed, running the DiT eagerly: %s", error)
             return
+        if len(self._graphs) >= self.max_graphs:  # forget the oldest recording
+            del self._graphs[next(iter(self._graphs))]
         self._graphs[key] = _Recorded(graph, static_x, static_t, static_context, out, context)

@@ -115,7 +115,7 @@ class SanaPipeline:
         self.defaults = defaults or SamplingDefaults()
         self.offload_text_encoder = offload_text_encoder
         # On CUDA, replay the DiT from CUDA graphs (fastsana.cuda_graphs); kept across calls,
-        # so later images of the same size skip the recording.
+        # so later images of the same size skip the recording. Setting it False frees them.
         self.cuda_graphs = cuda_graphs
         self._graphed: GraphedTransformer | None = None
 
@@ -374,6 +374,7 @@ class SanaPipeline:
     def _forward(self):
         """The DiT as the sampler calls it: replayed from CUDA graphs where they are on."""
         if not (self.cuda_graphs and self.device.type == "cuda"):
+            self._graphed = None  # turned off: free the recorded graphs' memory
             return self.transformer
         if self._graphed is None or self._graphed.transformer is not self.transformer:
             self._graphed = GraphedTransformer(self.transformer)
