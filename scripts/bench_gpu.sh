@@ -53,6 +53,10 @@ if want pipeline; then
         --device cuda --what pipeline --pipeline-repeats 3 --name compare-pipeline-bf16-cuda-batch1
     step 180 "pipeline throughput, batch 4" $PY -m bench compare --device cuda --what pipeline \
         --batch 4 --pipeline-repeats 2 --name compare-pipeline-bf16-cuda-batch4
+    for flag in "" --no-cuda-graphs; do
+        step 90 "ours ${flag:-with CUDA graphs}, batch 1" $PY -m bench.pipeline_run --impl ours \
+            --device cuda --px 1024 --steps 20 --repeats 3 $flag
+    done
 fi
 if want memory; then
     step 150 "4096² image, ours, bf16: time and peak GPU memory" $PY -m bench.pipeline_run \
