@@ -232,3 +232,20 @@ def test_generate_encodes_every_prompt_then_frees_the_text_encoder(
     assert status == 0
     assert events == ["encode", "encode", "release", "generate", "generate"]
     assert len(list(tmp_path.glob("x-*.png"))) == 2
+
+
+@pytest.mark.parametrize(("flag", "expected"), [((), True), (("--no-cuda-graphs",), False)])
+def test_generate_cuda_graphs_switch(model_dir, tmp_path, capsys, monkeypatch, flag, expected):
+    seen: list[bool] = []
+    original = SanaPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.cuda_graphs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SanaPipeline, "__call__", spy)
+    status, _, _ = run(
+        capsys, "generate", PROMPTS[0], "-o", tmp_path / "x.png", "--model", model_dir,
+        "--steps", "1", *flag,
+    )  # fmt: skip
+    assert status == 0 and seen == [expected]
