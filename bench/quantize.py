@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from bench.measure import interleaved
 from fastsana.quantize import W8A8Linear
 from fastsana.runtime import configure_threads
 
@@ -37,26 +35,6 @@ SHAPES = (
     ("small ffn point", 640, 256),
 )
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def interleaved_medians(
-    fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]
-) -> dict[str, float]:
-    """Median seconds per callable; one warm-up each, then A B C, C B A, … so that a drift
-    in machine load hits all of them alike."""
-    names = list(fns)
-    for name in names:
-        fns[name]()
-    sync()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeats):
-        for name in names if i % 2 == 0 else reversed(names):
-            sync()
-            t0 = time.perf_counter()
-            fns[name]()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def measure(
@@ -73,20 +51,17 @@ def measure(
     q_x = torch.randint(-127, 128, (tokens, in_features), dtype=torch.int8, device=device)
     q_wt = quantized.qweight.t()
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     with torch.no_grad():
-        medians = interleaved_medians(
+        timings = interleaved(
             {
                 "float": lambda: F.linear(x, layer.weight, layer.bias),
                 "w8a8": lambda: quantized(x),
                 "int_mm": lambda: torch._int_mm(q_x, q_wt),
             },
             args.repeats,
-            sync,
+            device=device,
         )
+        medians = {name: t.median for name, t in timings.items()}
         want = F.linear(x.float(), layer.weight.float(), layer.bias.float())
         error = (quantized(x).float() - want).norm() / want.norm()
     return {**medians, "error": error.item()}
