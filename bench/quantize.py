@@ -1,8 +1,8 @@
 """Benchmark W8A8 linear layers (not a test): float ``F.linear`` vs ``W8A8Linear``.
 
-    .venv/bin/python bench/quantize.py                           # CPU, fp32, 1024 and 4096 tokens
-    .venv/bin/python bench/quantize.py --tokens 256 --repeats 2  # a quick check
-    .venv/bin/python bench/quantize.py --device cuda --dtype bf16
+    .venv/bin/python -m bench.quantize                           # CPU, fp32, 1024 and 4096 tokens
+    .venv/bin/python -m bench.quantize --tokens 256 --repeats 2  # a quick check
+    .venv/bin/python -m bench.quantize --device cuda --dtype bf16
 
 Shapes are the DiT's quantised matmuls: Sana-0.6B (width 1152: attention projections
 1152→1152, Mix-FFN 1152→2·2880 and 2880→1152) and sana-small (width 256: 256→256, 256→2·640,

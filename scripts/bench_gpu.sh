@@ -63,7 +63,7 @@ if want memory; then
         --impl ours --device cuda --px 4096 --steps 20
 fi
 if want w8a8; then
-    step 60 "W8A8 layers" $PY bench/quantize.py --device cuda --dtype bf16 --tokens 2048,8192 \
+    step 60 "W8A8 layers" $PY -m bench.quantize --device cuda --dtype bf16 --tokens 2048,8192 \
         --repeats 20
     step 120 "W8A8 pipeline, 1024² Sana-0.6B" $PY -m bench.pipeline_run --impl ours \
         --device cuda --px 1024 --steps 20 --repeats 3 --quantize w8a8

@@ -25,7 +25,7 @@ softmax). Kept in their original precision, and why:
 Speed: on CUDA ``torch._int_mm`` calls cuBLASLt's int8 GEMM; it needs more than 16 rows and
 both matrix dims multiples of 8, and other shapes take a float matmul of the same integers
 (same result up to fp32 rounding). On CPU torch 2.13's ``_int_mm`` is a slow generic kernel,
-about 20-25× slower than an fp32 ``F.linear`` (``bench/quantize.py``), so there W8A8 saves
+about 20-25× slower than an fp32 ``F.linear`` (``python -m bench.quantize``), so there W8A8 saves
 weight memory (4× vs fp32) and previews the quantisation error, at a large cost in time.
 
 Inference only: rounding has no gradient. Quantise after the model has its final device and
