@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench import measure, models, report
+from bench.pipeline_run import COMPILE_MODES
 from fastsana.runtime import configure_threads
 
 
@@ -45,9 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--pipeline-repeats", type=int, default=1, help="timed pipeline runs")
     c.add_argument(
         "--pipeline-compile",
-        choices=["none", "blocks", "blocks-cudagraphs"],
+        choices=COMPILE_MODES,
         default="none",
         help="torch.compile every DiT block of both pipelines (see bench/pipeline_run.py)",
+    )
+    c.add_argument(
+        "--pipeline-vae-channels-last",
+        action="store_true",
+        help="both pipelines' decoders with channels-last (NHWC) weights",
     )
     c.add_argument("--compile", action="store_true", help="torch.compile our DiT (timed after)")
     c.add_argument("--name", default=None, help="block name in docs/benchmarks.md")
@@ -122,6 +128,7 @@ def cmd_compare(args: argparse.Namespace, command: str) -> None:
                 args.batch,
                 args.pipeline_repeats,
                 args.pipeline_compile,
+                args.pipeline_vae_channels_last,
             )
         )
     body = (

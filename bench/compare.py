@@ -232,9 +232,10 @@ def compare_pipeline(
     batch: int = 1,
     repeats: int = 1,
     compile_mode: str = "none",
+    vae_channels_last: bool = False,
 ) -> Row:
     """Each implementation in a fresh subprocess (``python -m bench.pipeline_run``), so each
-    process's peak memory is that pipeline's."""
+    process's peak memory is that pipeline's. ``vae_channels_last``: both decoders in NHWC."""
     results = {}
     for which in IMPLS:
         log(f"pipeline {which} {model} {dtype_name} {pixels}px {steps} steps batch {batch} "
@@ -243,6 +244,7 @@ def compare_pipeline(
                "--dtype", dtype_name, "--px", str(pixels), "--steps", str(steps),
                "--device", device, "--batch", str(batch), "--repeats", str(repeats),
                "--compile", compile_mode, "--threads", str(torch.get_num_threads())]  # fmt: skip
+        cmd += ["--vae-channels-last"] if vae_channels_last else []
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -251,6 +253,8 @@ def compare_pipeline(
     label = f"{model} + {models.AE_MODEL}, batch {batch}"
     if compile_mode != "none":
         label += f", both compile={compile_mode}"
+    if vae_channels_last:
+        label += ", both decoders channels-last"
     row = Row(
         component="pipeline",
         model=label,

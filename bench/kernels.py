@@ -1,6 +1,7 @@
 """Triton kernels against the PyTorch paths they replace, on CUDA, at SANA's real shapes.
 
     python bench/kernels.py [--model sana-0.6b] [--sizes 1024,2048,4096] [--dtype bf16]
+    python bench/kernels.py --sweep-conv-tiles     # the dwconv + GLU kernel with each CONV_TILES
 
 For each image size: the linear attention of one DiT block (q, k, v of (1, N, C)) and the
 Mix-FFN's depthwise conv + GLU (input (1, 2h, H, W) channels-last), timed with CUDA events,
@@ -19,8 +20,22 @@ import sys
 
 import torch
 
+from fastsana import kernels
 from fastsana.configs import DIT_PRESETS
 from fastsana.models import attention, ops
+
+# (BLOCK_W, BLOCK_C, num_warps) candidates for --sweep-conv-tiles; the first is the default.
+CONV_TILES = (
+    (16, 64, 4),
+    (32, 64, 4),
+    (8, 128, 4),
+    (4, 128, 4),
+    (8, 128, 8),
+    (4, 256, 4),
+    (8, 256, 8),
+    (8, 64, 4),
+    (2, 256, 4),
+)
 
 
 def _time_cuda(fn, repeats: int = 50) -> float:
@@ -43,6 +58,7 @@ def main() -> None:
     p.add_argument("--model", default="sana-0.6b", choices=sorted(DIT_PRESETS))
     p.add_argument("--sizes", default="1024,2048,4096", help="image sizes in px (f32 AE)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--sweep-conv-tiles", action="store_true", help="time dwconv + GLU tiles")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA GPU")
@@ -51,10 +67,13 @@ def main() -> None:
     c, heads, hidden = cfg.hidden_size, cfg.num_heads, cfg.ffn_hidden
     size = torch.tensor([], dtype=dtype).element_size()
     print(f"GPU: {torch.cuda.get_device_name()}  model: {args.model}  dtype: {args.dtype}\n")
-    print("| op | px | tokens | PyTorch ms | Triton ms | speed-up | Triton GB/s |")
-    print("|---|---|---|---|---|---|---|")
     conv = torch.nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
     conv = conv.to("cuda", dtype)
+    if args.sweep_conv_tiles:
+        _sweep_conv_tiles(args, conv, cfg, hidden, dtype)
+        return
+    print("| op | px | tokens | PyTorch ms | Triton ms | speed-up | Triton GB/s |")
+    print("|---|---|---|---|---|---|---|")
     with torch.no_grad():
         for px in (int(s) for s in args.sizes.split(",")):
             side = px // 32 // cfg.patch_size
@@ -85,6 +104,28 @@ def main() -> None:
                     f"| {name} | {px} | {n} | {torch_ms:.3f} | {triton_ms:.3f} | "
                     f"{torch_ms / triton_ms:.2f}× | {nbytes / triton_ms / 1e6:.0f} |"
                 )
+
+
+@torch.no_grad()
+def _sweep_conv_tiles(args, conv, cfg, hidden: int, dtype: torch.dtype) -> None:
+    """PyTorch's depthwise conv + GLU against the fused kernel with every tile of CONV_TILES."""
+    print("| px | PyTorch ms | " + " | ".join(map(str, CONV_TILES)) + " |")
+    print("|---|---|" + "---|" * len(CONV_TILES))
+    for px in (int(s) for s in args.sizes.split(",")):
+        side = px // 32 // cfg.patch_size
+        x = torch.randn(1, side * side, 2 * hidden, device="cuda", dtype=dtype)
+        x = x.view(1, side, side, -1).permute(0, 3, 1, 2)  # channels-last, as in MixFFN
+        os.environ["FASTSANA_TRITON"] = "0"
+        torch_ms = _time_cuda(lambda x=x: ops.depthwise_glu(conv, x, silu_input=True))
+        cells = [
+            _time_cuda(
+                lambda t=t, x=x: kernels.dwconv_glu(
+                    x, conv.weight, conv.bias, silu_input=True, tile=t
+                )
+            )
+            for t in CONV_TILES
+        ]
+        print(f"| {px} | {torch_ms:.3f} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python -m bench.pipeline_run --impl ours|diffusers [--model sana-0.6b] [--dtype bf16]
         [--px 1024] [--steps 20] [--device cpu|cuda] [--batch 1] [--repeats 1]
-        [--compile none|blocks|blocks-cudagraphs] [--quantize w8a8] [--threads N]
+        [--compile none|blocks|blocks-autotune|blocks-cudagraphs] [--vae-channels-last]
+        [--quantize w8a8] [--threads N]
 
 Text encoding is excluded: both pipelines get the same precomputed 300-token embeddings
 (seeded noise) for the prompt and the negative prompt. ``--batch`` images are made at once
@@ -21,8 +22,11 @@ with graphs ``dit_s`` and ``dit_calls`` count only the eager (recording) calls.
 
 ``--compile blocks`` compiles each transformer block with ``torch.compile`` (regional
 compilation: the blocks share one compiled graph, so it compiles in seconds rather than
-minutes); ``blocks-cudagraphs`` adds torch's CUDA graphs (``mode="reduce-overhead"``). Checked
-on the CPU (``--compile blocks``); neither has run on a GPU yet.
+minutes); ``blocks-autotune`` lets Inductor benchmark GEMM and kernel variants
+(``mode="max-autotune-no-cudagraphs"``: our pipeline still replays its own CUDA graphs);
+``blocks-cudagraphs`` uses torch's CUDA graphs instead (``mode="reduce-overhead"``).
+``--vae-channels-last`` stores the decoder's weights channels-last (NHWC), which cuDNN's
+convolutions prefer on tensor cores; it applies to either implementation.
 """
 
 from __future__ import annotations
@@ -105,10 +109,15 @@ class CallTimer:
         self.calls += 1
 
 
+COMPILE_MODES = ["none", "blocks", "blocks-autotune", "blocks-cudagraphs"]
+
+
 def compile_blocks(transformer: nn.Module, mode: str) -> None:
     """Regional ``torch.compile`` of each transformer block (both implementations name the
     block list ``transformer_blocks``)."""
-    options = {"mode": "reduce-overhead"} if mode == "blocks-cudagraphs" else {}
+    modes = {"blocks": None, "blocks-autotune": "max-autotune-no-cudagraphs",
+             "blocks-cudagraphs": "reduce-overhead"}  # fmt: skip
+    options = {"mode": modes[mode]} if modes[mode] else {}
     for block in transformer.transformer_blocks:
         block.compile(**options)
 
@@ -129,6 +138,8 @@ def build(args: argparse.Namespace, dtype: torch.dtype, text: Tensor, mask: Tens
         dit = quantize_w8a8(dit)
     if args.compile != "none":
         compile_blocks(dit, args.compile)
+    if args.vae_channels_last:
+        vae.to(memory_format=torch.channels_last)
     common = dict(height=args.px, width=args.px, num_inference_steps=args.steps,
                   guidance_scale=4.5, output_type="pt", use_resolution_binning=False)  # fmt: skip
     if args.impl == "ours":
@@ -170,7 +181,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--batch", type=int, default=1, help="images per run")
     p.add_argument("--repeats", type=int, default=1, help="timed runs (median reported)")
-    p.add_argument("--compile", choices=["none", "blocks", "blocks-cudagraphs"], default="none")
+    p.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default="none",
+    )
+    p.add_argument("--vae-channels-last", action="store_true", help="decoder weights in NHWC")
     p.add_argument("--quantize", choices=["w8a8"], default=None)
     p.add_argument("--no-cuda-graphs", action="store_true", help="ours: DiT eagerly on CUDA")
     p.add_argument("--threads", type=int, default=None)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/benchmarks.md in one go (issue 7): kernel tests and timings,
 # ours vs diffusers (DiT, DC-AE, whole pipeline: latency and throughput), 4096² memory, W8A8.
+# Parts: kernels, sweeps, graphs, dit, dcae, pipeline, latency, pipeline-cl, memory, w8a8,
+# compile.
 # Run from the repository root on a CUDA machine with diffusers installed:
 #
 #   scripts/bench_gpu.sh [OUTDIR] [PARTS]     # PARTS: comma list, default "all" (see below)
@@ -35,6 +37,11 @@ if want kernels; then
         tests/test_kernels.py
     step 120 "kernel timings" $PY bench/kernels.py --sizes 1024,2048,4096
 fi
+if want sweeps; then
+    step 120 "dwconv + GLU kernel tiles" $PY bench/kernels.py --sweep-conv-tiles
+    step 120 "int8 GEMM kernel tiles" $PY -m bench.quantize --device cuda --dtype bf16 \
+        --tokens 2048,8192 --repeats 20 --sweep-tiles
+fi
 if want graphs; then
     step 120 "CUDA graph tests" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py
 fi
@@ -57,6 +64,22 @@ if want pipeline; then
         step 90 "ours ${flag:-with CUDA graphs}, batch 1" $PY -m bench.pipeline_run --impl ours \
             --device cuda --px 1024 --steps 20 --repeats 3 $flag
     done
+fi
+if want latency; then
+    # Ours alone, batch 1, 1024², 20 steps, CUDA graphs: what each change buys.
+    for flags in "" "--vae-channels-last" "--vae-channels-last --compile blocks"; do
+        # shellcheck disable=SC2086  # flags holds several words on purpose
+        step 240 "latency: ours ${flags:-(graphs only)}" $PY -m bench.pipeline_run --impl ours \
+            --device cuda --px 1024 --steps 20 --repeats 5 $flags
+    done
+fi
+if want pipeline-cl; then
+    step 180 "pipeline latency, batch 1, both decoders channels-last" $PY -m bench compare \
+        --device cuda --what pipeline --pipeline-repeats 3 --pipeline-vae-channels-last \
+        --name compare-pipeline-bf16-cuda-batch1-cl
+    step 180 "pipeline throughput, batch 4, both decoders channels-last" $PY -m bench compare \
+        --device cuda --what pipeline --batch 4 --pipeline-repeats 2 \
+        --pipeline-vae-channels-last --name compare-pipeline-bf16-cuda-batch4-cl
 fi
 if want memory; then
     step 150 "4096² image, ours, bf16: time and peak GPU memory" $PY -m bench.pipeline_run \

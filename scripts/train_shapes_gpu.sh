@@ -2,33 +2,79 @@
 # Continue training the embedded default model's DiT on one GPU: fresh Shapes data at 256 and
 # 512 px, stage 1 (configs/train/shapes-gpu-stage1.yaml), stage 2 (shapes-gpu-stage2.yaml),
 # then ShapesBench on the stage-2 export. Run from the repository root; docs/shapes.md
-# ("GPU training") has the results of a run. Writes into data/, cache/, runs/ and out/.
+# ("GPU training") has the results of each run. Writes into data/, cache/, runs/ and out/.
 #
-#   scripts/train_shapes_gpu.sh
-#   N256=200 N512=100 STEPS1=10 STEPS2=5 BENCH_ARGS="--prompts-per-category 1" \
+#   scripts/train_shapes_gpu.sh [PHASES]     # comma list of data256,data512,stage1,stage2,bench
+#                                            # ("data" = both data phases; default: all)
+#
+# Every phase can run on its own (e.g. two variants share the data phases, then train side by
+# side: a model this small leaves the GPU mostly idle). A dataset that is complete
+# (shapes_info.json written) is not made again; caching skips what is cached.
+#
+#   scripts/train_shapes_gpu.sh data                        # then, side by side:
+#   TAG=a scripts/train_shapes_gpu.sh stage1,stage2,bench &
+#   TAG=pe SET="model.dit.interpolation_scale=1.0 model.dit.sample_size=16" \
+#       scripts/train_shapes_gpu.sh stage1,stage2,bench     # the sincos-PE variant
+#   N256=200 N512=100 STEPS1=10 STEPS2=5 BENCH_ARGS="--images-per-prompt 1" \
 #       scripts/train_shapes_gpu.sh          # a rehearsal in a few minutes on a CPU
 set -euo pipefail
+PHASES=${1:-all}
 FASTSANA=${FASTSANA:-fastsana}           # e.g. "python3 -m fastsana.cli" without an install
-N256=${N256:-30000}                      # stage-1 scenes (the CPU run had 5,000)
+TAG=${TAG:-gpu}                          # runs/$TAG-stage1, runs/$TAG-stage2, out/$TAG-bench
+SET=${SET:-}                             # extra "key=value" overrides for both stages
+# Defaults: the session-5 recipe of the shipped model (docs/shapes.md, "GPU training");
+# session 4 used N256=30000 SEED256=10 SEED512=11 STEPS1=4000 BATCH1=128 STEPS2=800 BATCH2=64.
+N256=${N256:-40000}                      # stage-1 scenes (the CPU run had 5,000)
 N512=${N512:-20000}                      # stage-2 scenes (the CPU run had 800)
-STEPS1=${STEPS1:-6000}
-STEPS2=${STEPS2:-2500}
+SEED256=${SEED256:-20}                   # dataset seeds: fresh scenes for every session
+SEED512=${SEED512:-21}
+STEPS1=${STEPS1:-3000}
+STEPS2=${STEPS2:-1500}
+BATCH1=${BATCH1:-256}
+BATCH2=${BATCH2:-128}
 WORKERS=${WORKERS:-$(nproc)}
 BENCH_ARGS=${BENCH_ARGS:-}
 PARTS=src/fastsana/assets/sana-shapes    # the shipped VAE, text encoder and tokenizer
 CACHE_ARGS=(--pipeline "$PARTS" --text-max-length 24 --no-instruction)
+D256=data/shapes-256-s$SEED256-n$N256
+D512=data/shapes-512-s$SEED512-n$N512
+C256=cache/shapes-256-s$SEED256-n$N256
+C512=cache/shapes-512-s$SEED512-n$N512
 
-# Both datasets are rendered on the CPU; the 512-px one in the background during stage 1.
+want() {  # want NAME... : is any of these phases asked for?
+    local name
+    for name in "$@"; do [[ "$PHASES" == all || ",$PHASES," == *",$name,"* ]] && return 0; done
+    return 1
+}
+make_data() {  # make_data DIR SIZE SEED N
+    [[ -f "$1/shapes_info.json" ]] || $FASTSANA shapes make "$1" --n "$4" --size "$2" \
+        --seed "$3" --workers "$WORKERS"
+}
+sets=()
+for kv in $SET; do sets+=(--set "$kv"); done
 mkdir -p runs
-$FASTSANA shapes make data/gpu-256 --n "$N256" --size 256 --seed 10 --workers "$WORKERS"
-$FASTSANA shapes make data/gpu-512 --n "$N512" --size 512 --seed 11 --workers "$WORKERS" \
-    > runs/make-512.log 2>&1 &
-make512=$!
-$FASTSANA cache data/gpu-256 cache/gpu-256 "${CACHE_ARGS[@]}" --base-size 256 --batch-size 256
-$FASTSANA train configs/train/shapes-gpu-stage1.yaml --set schedule.max_steps="$STEPS1"
-wait "$make512"
-$FASTSANA cache data/gpu-512 cache/gpu-512 "${CACHE_ARGS[@]}" --base-size 512 --batch-size 128
-$FASTSANA train configs/train/shapes-gpu-stage2.yaml --set schedule.max_steps="$STEPS2"
-# shellcheck disable=SC2086  # BENCH_ARGS holds several words on purpose
-$FASTSANA shapes bench --model runs/gpu-stage2/export --images-per-prompt 2 --batch-size 64 \
-    --out out/shapes-bench-gpu-stage2 $BENCH_ARGS
+
+# Rendered on the CPU, then encoded (VAE latents, text states) on the GPU.
+if want data256 data; then
+    make_data "$D256" 256 "$SEED256" "$N256"
+    $FASTSANA cache "$D256" "$C256" "${CACHE_ARGS[@]}" --base-size 256 --batch-size 256
+fi
+if want data512 data; then
+    make_data "$D512" 512 "$SEED512" "$N512"
+    $FASTSANA cache "$D512" "$C512" "${CACHE_ARGS[@]}" --base-size 512 --batch-size 128
+fi
+if want stage1; then
+    $FASTSANA train configs/train/shapes-gpu-stage1.yaml --set output_dir="runs/$TAG-stage1" \
+        --set data.cache_dir="$C256" --set data.batch_size="$BATCH1" \
+        --set schedule.max_steps="$STEPS1" "${sets[@]}"
+fi
+if want stage2; then
+    $FASTSANA train configs/train/shapes-gpu-stage2.yaml --set output_dir="runs/$TAG-stage2" \
+        --set model.init_from="runs/$TAG-stage1" --set data.cache_dir="$C512" \
+        --set data.batch_size="$BATCH2" --set schedule.max_steps="$STEPS2" "${sets[@]}"
+fi
+if want bench; then
+    # shellcheck disable=SC2086  # BENCH_ARGS holds several words on purpose
+    $FASTSANA shapes bench --model "runs/$TAG-stage2/export" --images-per-prompt 4 \
+        --batch-size 64 --out "out/$TAG-bench" $BENCH_ARGS
+fi

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from dit_helpers import dit_inputs, random_dit
 from test_dcae import CASES
 
-from fastsana import kernels, runtime
+from fastsana import kernels, quantize, runtime
 from fastsana.checkpoints.autoencoder import config_from_diffusers
 from fastsana.configs import DIT_PRESETS
 from fastsana.models import attention, dcae, ops
@@ -133,6 +133,76 @@ def test_dwconv_glu_kernel_shape_errors() -> None:
         kernels.dwconv_glu(torch.zeros(1, 5, 4, 4), torch.zeros(5, 1, 3, 3), None, silu_input=True)
 
 
+# ------------------------------------------------------------------------ W8A8 linear layers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quantize_rows_kernel_matches_reference(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(37, 300, generator=g) * 3).to(dtype)  # 300 columns: a masked tail
+    x[5] = 0  # an all-zero row: the smallest scale, zeros out
+    # Row 6 has max 127, so its scale is exactly 1 and these values are halfway cases:
+    # rounding must go to the even neighbour (2.5 → 2, -3.5 → -4, 0.5 → 0), as torch.round.
+    x[6] = 0
+    x[6, :4] = torch.tensor([127.0, 2.5, -3.5, 0.5])
+    ref_q, ref_scale = quantize.quantize_rows(x)
+    q, scale = kernels.quantize_rows(x.to(DEVICE), quantize._MIN_SCALE)
+    assert q.dtype == torch.int8 and scale.shape == (37, 1)
+    assert torch.equal(q.cpu(), ref_q)
+    assert torch.equal(scale.cpu(), ref_scale)
+    assert q[6, :4].tolist() == [127, 2, -4, 0]
+
+
+def _reference_int8_linear(q, act_scale, qweight, weight_scale, bias, dtype):
+    acc = (q.double() @ qweight.double().T).float()  # exact: every partial sum < 2^53
+    y = (acc * act_scale * weight_scale).to(dtype)
+    return y + bias.to(dtype) if bias is not None else y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("tile", [None, (16, 32, 32, 4, 1)])
+def test_int8_linear_kernel_matches_reference(dtype, bias, tile) -> None:
+    g = torch.Generator().manual_seed(4)
+    m, k, n = 70, 200, 50  # no dimension a multiple of the tiles: every mask is exercised
+    q = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    qweight = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    act_scale = torch.rand(m, 1, generator=g) * 0.01
+    weight_scale = torch.rand(n, generator=g) * 0.01
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    ref = _reference_int8_linear(q, act_scale, qweight, weight_scale, b, dtype)
+    args = (q, act_scale, qweight, weight_scale, b)
+    out = kernels.int8_linear(*(a.to(DEVICE) if a is not None else None for a in args), dtype,
+                              tile=tile)  # fmt: skip
+    assert out.dtype == dtype and out.shape == (m, n)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-6 if dtype == torch.float32 else 1e-3,
+                               atol=1e-6 if dtype == torch.float32 else 1e-3)  # fmt: skip
+
+
+def test_int8_linear_kernel_shape_errors() -> None:
+    q = torch.zeros(4, 8, dtype=torch.int8)
+    with pytest.raises(ValueError, match="int8_linear needs"):
+        kernels.int8_linear(q, torch.ones(4, 1), torch.zeros(3, 9, dtype=torch.int8),
+                            torch.ones(3), None, torch.float32)  # fmt: skip
+    with pytest.raises(ValueError, match="2-D"):
+        kernels.quantize_rows(torch.zeros(2, 3, 4), 1e-30)
+
+
+def test_w8a8_layer_with_kernels_matches_pytorch_path(monkeypatch) -> None:
+    torch.manual_seed(5)
+    layer = quantize.W8A8Linear.from_float(torch.nn.Linear(96, 40)).to(DEVICE)
+    x = torch.randn(2, 20, 96, device=DEVICE)  # 40 rows: enough for the int8 GEMM path
+    with torch.no_grad():
+        ref = layer(x)  # the PyTorch path (use_triton is False on the CPU)
+        counter = _Counting(kernels.int8_linear)
+        monkeypatch.setattr(kernels, "int8_linear", counter)
+        monkeypatch.setattr(quantize, "use_triton", lambda device, kernel: kernel == "w8a8")
+        out = layer(x)
+    assert counter.calls == 1
+    assert out.shape == (2, 20, 40)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------ model dispatch
 
 
@@ -205,10 +275,16 @@ def test_use_triton_decision(monkeypatch) -> None:
     monkeypatch.delenv("FASTSANA_TRITON")
     with torch.enable_grad():
         assert not runtime.use_triton(cuda)  # no backward in the kernels
-    with torch.no_grad():  # the fused dwconv + GLU is opt-in (slower than cuDNN on an H100)
-        assert not runtime.use_triton(cuda, "dwconv_glu")
-        monkeypatch.setenv("FASTSANA_TRITON_DWCONV_GLU", "1")
-        assert runtime.use_triton(cuda, "dwconv_glu")
+    with torch.no_grad():  # each kernel has its own switch, on by default
+        for kernel in ("dwconv_glu", "w8a8"):
+            assert runtime.use_triton(cuda, kernel)
+            monkeypatch.setenv(f"FASTSANA_TRITON_{kernel.upper()}", "0")
+            assert not runtime.use_triton(cuda, kernel)
+            monkeypatch.setenv(f"FASTSANA_TRITON_{kernel.upper()}", "1")
+            assert runtime.use_triton(cuda, kernel)
+        monkeypatch.setattr(runtime, "TRITON_KERNELS", {**runtime.TRITON_KERNELS, "w8a8": False})
+        monkeypatch.delenv("FASTSANA_TRITON_W8A8")
+        assert not runtime.use_triton(cuda, "w8a8")  # an opt-in default stays off
         monkeypatch.setenv("FASTSANA_TRITON_LINEAR_ATTENTION", "0")
         assert not runtime.use_triton(cuda)
         with pytest.raises(ValueError, match="kernel must be one of"):

@@ -22,11 +22,15 @@ softmax). Kept in their original precision, and why:
 - the patch embedding (32 input channels) and ``proj_out`` (32 outputs): tiny, and they
   touch the latents directly (input, and the predicted velocity).
 
-Speed: on CUDA ``torch._int_mm`` calls cuBLASLt's int8 GEMM; it needs more than 16 rows and
-both matrix dims multiples of 8, and other shapes take a float matmul of the same integers
-(same result up to fp32 rounding). On CPU torch 2.13's ``_int_mm`` is a slow generic kernel,
-about 20-25× slower than an fp32 ``F.linear`` (``python -m bench.quantize``), so there W8A8 saves
-weight memory (4× vs fp32) and previews the quantisation error, at a large cost in time.
+Speed: on CUDA the layer runs two Triton kernels (``fastsana.kernels.quantize_rows`` and
+``int8_linear``, an int8 GEMM with the rescale and bias in its epilogue) where
+``fastsana.runtime.use_triton(device, "w8a8")`` allows; otherwise ``torch._int_mm`` calls
+cuBLASLt's int8 GEMM and the quantisation and rescale run as separate elementwise kernels.
+Both need more than 16 rows and both matrix dims multiples of 8; other shapes take a float
+matmul of the same integers (same result up to fp32 rounding). On CPU torch 2.13's
+``_int_mm`` is a slow generic kernel, about 20-25× slower than an fp32 ``F.linear``
+(``python -m bench.quantize``), so there W8A8 saves weight memory (4× vs fp32) and
+previews the quantisation error, at a large cost in time.
 
 Inference only: rounding has no gradient. Quantise after the model has its final device and
 dtype (``model.to(dtype)`` would also cast the fp32 scales).
@@ -39,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastsana.models.dit import SanaTransformer
+from fastsana.runtime import use_triton
 
 QUANTIZATION_MODES = ("w8a8",)
 
@@ -169,6 +174,16 @@ class W8A8Linear(nn.Module):
                 f"got shape {tuple(x.shape)}"
             )
         rows = x.reshape(-1, self.in_features)  # (M, K) tokens as rows
+        if use_triton(x.device, "w8a8") and int_mm_fits(*rows.shape, self.out_features, x.device):
+            # Two kernels instead of eight: quantise each row in one pass, then an int8 GEMM
+            # whose epilogue rescales and adds the bias (the int32 product stays on chip).
+            from fastsana import kernels
+
+            q, act_scale = kernels.quantize_rows(rows, _MIN_SCALE)  # (M, K) int8, (M, 1)
+            y = kernels.int8_linear(
+                q, act_scale, self.qweight, self.weight_scale, self.bias, x.dtype
+            )  # (M, N)
+            return y.view(*x.shape[:-1], self.out_features)  # (..., N)
         q, act_scale = quantize_rows(rows)  # (M, K) int8, (M, 1) fp32
         acc = self._integer_matmul(q)  # (M, N) int32, or fp32 holding integers
         y = acc.to(torch.float32).mul_(act_scale).mul_(self.weight_scale.float())  # (M, N)

@@ -80,9 +80,11 @@ def _triton_installed() -> bool:
 
 
 # Which Triton kernels run by default, from their timings against the PyTorch path on an H100
-# (docs/benchmarks.md, "GPU kernels"): the linear attention is 1.8-3.9x faster; the fused
-# depthwise conv + GLU is 0.67-0.77x (cuDNN's depthwise conv wins), so it is opt-in.
-TRITON_KERNELS = {"linear_attention": True, "dwconv_glu": False}
+# (docs/benchmarks.md, "GPU kernels"): the linear attention is 1.7-4.1x faster; the fused
+# depthwise conv + GLU 1.1-1.3x since its tiles were re-chosen (0.67-0.77x before, when it
+# was opt-in); the W8A8 quantise + int8 GEMM pair makes a quantised layer 1.6-2.7x faster
+# than its PyTorch path (torch._int_mm between elementwise kernels).
+TRITON_KERNELS = {"linear_attention": True, "dwconv_glu": True, "w8a8": True}
 
 
 def use_triton(device: torch.device, kernel: str = "linear_attention") -> bool:
@@ -91,7 +93,7 @@ def use_triton(device: torch.device, kernel: str = "linear_attention") -> bool:
     Only on CUDA devices with Triton installed, while autograd is off (the kernels have no
     backward) and outside ``torch.compile`` (which fuses the PyTorch path itself); then each
     kernel follows ``TRITON_KERNELS``, overridden by ``FASTSANA_TRITON_<KERNEL>=0/1`` (e.g.
-    ``FASTSANA_TRITON_DWCONV_GLU=1``). ``FASTSANA_TRITON=0`` uses the PyTorch reference path
+    ``FASTSANA_TRITON_DWCONV_GLU=0``). ``FASTSANA_TRITON=0`` uses the PyTorch reference path
     everywhere.
     """
     if kernel not in TRITON_KERNELS:
