@@ -32,14 +32,16 @@ STEPS1=${STEPS1:-3000}
 STEPS2=${STEPS2:-1500}
 BATCH1=${BATCH1:-256}
 BATCH2=${BATCH2:-128}
+SCENE_MIX=${SCENE_MIX:-}                 # e.g. "pair=0.55,mixed=0,relation=0.9" (shapes make)
 WORKERS=${WORKERS:-$(nproc)}
 BENCH_ARGS=${BENCH_ARGS:-}
 PARTS=src/fastsana/assets/sana-shapes    # the shipped VAE, text encoder and tokenizer
 CACHE_ARGS=(--pipeline "$PARTS" --text-max-length 24 --no-instruction)
-D256=data/shapes-256-s$SEED256-n$N256
-D512=data/shapes-512-s$SEED512-n$N512
-C256=cache/shapes-256-s$SEED256-n$N256
-C512=cache/shapes-512-s$SEED512-n$N512
+MIX_TAG=${SCENE_MIX:+-mix$(echo "$SCENE_MIX" | tr -c 'a-z0-9.\n' '_')}   # other data, other folders
+D256=data/shapes-256-s$SEED256-n$N256$MIX_TAG
+D512=data/shapes-512-s$SEED512-n$N512$MIX_TAG
+C256=cache/shapes-256-s$SEED256-n$N256$MIX_TAG
+C512=cache/shapes-512-s$SEED512-n$N512$MIX_TAG
 
 want() {  # want NAME... : is any of these phases asked for?
     local name
@@ -48,7 +50,7 @@ want() {  # want NAME... : is any of these phases asked for?
 }
 make_data() {  # make_data DIR SIZE SEED N
     [[ -f "$1/shapes_info.json" ]] || $FASTSANA shapes make "$1" --n "$4" --size "$2" \
-        --seed "$3" --workers "$WORKERS"
+        --seed "$3" --workers "$WORKERS" ${SCENE_MIX:+--scene-mix "$SCENE_MIX"}
 }
 sets=()
 for kv in $SET; do sets+=(--set "$kv"); done

@@ -51,8 +51,9 @@ def test_defaults_describe_the_shapes_model(pipe: SanaPipeline) -> None:
 def test_it_draws_what_it_is_asked(pipe: SanaPipeline) -> None:
     """Six single-object prompts of ShapesBench at the model's defaults (20 Flow-DPM steps,
     CFG), one image each, judged by the analyser on shape and on colour. The full benchmark
-    measured 0.99 on both categories (docs/shapes.md, session 5); a model that draws noise, the wrong
-    colours or the wrong shapes (a broken loader, caption encoding or sampler) scores ≈ 0."""
+    measured 0.99 on both categories (docs/shapes.md, session 5); a model that draws noise,
+    the wrong colours or the wrong shapes (a broken loader, caption encoding or sampler)
+    scores ≈ 0."""
     specs = [s for s in bench_prompts() if not s.held_out]
     specs = prompts_per_category([s for s in specs if s.category in SINGLE], 6)
     generate = pipeline_generator(default_model_path(), steps=20, sampler="flow_dpm", guidance=None)

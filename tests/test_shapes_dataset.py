@@ -11,7 +11,7 @@ from PIL import Image
 
 from fastsana.shapes.cli import add_shapes_commands
 from fastsana.shapes.dataset import make_dataset
-from fastsana.shapes.world import HELD_OUT_PAIRS, MAX_SIZE, MIN_SIZE, PALETTE, SHAPES
+from fastsana.shapes.world import HELD_OUT_PAIRS, MAX_SIZE, MIN_SIZE, PALETTE, SHAPES, SceneMix
 
 
 def _folder_records(path):
@@ -116,6 +116,33 @@ def test_held_out_pairs_only_when_asked(tmp_path):
 def test_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_dataset(tmp_path, progress=False, **kwargs)
+
+
+def test_scene_mix_reaches_the_dataset_and_its_info(tmp_path):
+    mix = SceneMix(single=0, count=0, pair=1, mixed=0, relation=1)
+    make_dataset(tmp_path / "rel", n=6, size=48, seed=1, mix=mix, progress=False)
+    info = json.loads((tmp_path / "rel" / "shapes_info.json").read_text())
+    assert info["scene_mix"] == mix.as_dict()
+    words = ("left of", "right of", "above", "below")
+    for record in _folder_records(tmp_path / "rel"):
+        assert len(record["objects"]) == 2
+        complete = [c["text"] for c in record["captions"] if c["kind"] == "complete"]
+        assert any(w in text for text in complete for w in words), complete
+    with pytest.raises(TypeError, match="mix must be a SceneMix"):
+        make_dataset(tmp_path / "bad", n=1, mix={"pair": 1.0}, progress=False)
+
+
+def test_cli_scene_mix(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_shapes_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["shapes", "make", str(tmp_path / "m"), "--n", "2", "--size", "48",
+                              "--scene-mix", "single=1,count=0,pair=0,mixed=0"])  # fmt: skip
+    assert args.func(args) == 0
+    assert all(len(r["objects"]) == 1 for r in _folder_records(tmp_path / "m"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["shapes", "make", str(tmp_path / "x"), "--n", "2",
+                           "--scene-mix", "pair=2"])  # fmt: skip
+    assert "SceneMix.pair must be a number in [0, 1]" in capsys.readouterr().err
 
 
 def test_cli_make(tmp_path, capsys):

@@ -11,6 +11,7 @@ from fastsana.shapes.world import (
     MAX_SIZE,
     MIN_SIZE,
     PALETTE,
+    SceneMix,
     SceneObject,
     allowed_pairs,
     place_objects,
@@ -150,3 +151,40 @@ def test_place_objects_honours_relation_and_rejects_bad_input():
         place_objects([("red", "circle")], rng, relation="left of")
     with pytest.raises(ValueError, match="unknown colour"):
         SceneObject("circle", "pink", 0.5, 0.5, 0.2)
+
+
+def test_scene_mix_shapes_the_scenes():
+    rng = np.random.default_rng(3)
+    # Only pairs, every one in a clear relation.
+    related = SceneMix(single=0, count=0, pair=1, mixed=0, relation=1)
+    for _ in range(40):
+        a, b = sample_scene(rng, PAIRS, related)
+        assert (a.colour, a.shape) != (b.colour, b.shape)
+        assert relations(a, b, clear=True), (a, b)
+    # Only counting scenes: 2-4 copies of one class.
+    for _ in range(40):
+        objects = sample_scene(rng, PAIRS, SceneMix(single=0, count=1, pair=0, mixed=0))
+        assert 2 <= len(objects) <= 4
+        assert len({(o.colour, o.shape) for o in objects}) == 1
+    # The default mix is the default: the same draws as calling without one.
+    for i in range(20):
+        assert sample_scene(np.random.default_rng([5, i]), PAIRS) == sample_scene(
+            np.random.default_rng([5, i]), PAIRS, SceneMix()
+        )
+
+
+def test_scene_mix_parse_and_validation():
+    mix = SceneMix.parse("pair=0.55, mixed=0, relation=0.9")
+    assert mix.as_dict() == {"single": 0.2, "count": 0.25, "pair": 0.55, "mixed": 0.0,
+                             "relation": 0.9}  # fmt: skip
+    assert SceneMix.parse("") == SceneMix()
+    with pytest.raises(ValueError, match="sum to 1"):
+        SceneMix.parse("pair=0.9")
+    with pytest.raises(ValueError, match="NAME one of"):
+        SceneMix.parse("pairs=0.35")
+    with pytest.raises(ValueError, match="NAME one of"):
+        SceneMix.parse("pair")
+    with pytest.raises(ValueError, match="must be a number"):
+        SceneMix.parse("relation=lots")
+    with pytest.raises(ValueError, match=r"relation must be a number in \[0, 1\]"):
+        SceneMix(relation=1.5)

@@ -26,6 +26,7 @@ from fastsana.shapes.world import (
     HELD_OUT_PAIRS,
     PALETTE,
     SHAPES,
+    SceneMix,
     SceneObject,
     render_scene,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "Detection",
     "Mention",
     "PromptSpec",
+    "SceneMix",
     "SceneObject",
     "analyse",
     "bench_prompts",

@@ -20,6 +20,7 @@ from fastsana.shapes.bench import (
     run_bench,
 )
 from fastsana.shapes.dataset import make_dataset
+from fastsana.shapes.world import DEFAULT_SCENE_MIX, SceneMix
 
 
 def _positive_int(text: str) -> int:
@@ -55,6 +56,15 @@ def add_shapes_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
         "--include-held-out",
         action="store_true",
         help="also draw the held-out colour/shape pairs",
+    )
+    make.add_argument(
+        "--scene-mix",
+        type=_scene_mix,
+        default=DEFAULT_SCENE_MIX,
+        metavar="NAME=P,...",
+        help="scene kind probabilities (single, count, pair, mixed: sum 1) and the share of "
+        "pairs in a clear relation (relation); unnamed ones keep their defaults "
+        f"({_mix_text(DEFAULT_SCENE_MIX)})",
     )
     make.add_argument(
         "--workers",
@@ -135,6 +145,17 @@ def add_shapes_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
     return shapes
 
 
+def _mix_text(mix: SceneMix) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in mix.as_dict().items())
+
+
+def _scene_mix(text: str) -> SceneMix:
+    try:
+        return SceneMix.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _make_command(args: argparse.Namespace) -> int:
     out = make_dataset(
         args.out,
@@ -143,6 +164,7 @@ def _make_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         webdataset_shards=args.webdataset_shards,
         include_held_out=args.include_held_out,
+        mix=args.scene_mix,
         workers=args.workers,
     )
     kind = f"{args.webdataset_shards} WebDataset shards" if args.webdataset_shards else "folder"

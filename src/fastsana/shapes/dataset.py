@@ -32,7 +32,14 @@ from tqdm.auto import tqdm
 
 from fastsana.checkpoints.common import atomic_write, atomic_write_bytes, atomic_write_json
 from fastsana.shapes.grammar import scene_captions
-from fastsana.shapes.world import HELD_OUT_PAIRS, allowed_pairs, render_scene, sample_scene
+from fastsana.shapes.world import (
+    DEFAULT_SCENE_MIX,
+    HELD_OUT_PAIRS,
+    SceneMix,
+    allowed_pairs,
+    render_scene,
+    sample_scene,
+)
 
 METADATA_FILE = "metadata.jsonl"
 INFO_FILE = "shapes_info.json"
@@ -40,12 +47,17 @@ FORMAT_VERSION = 1
 
 
 def make_record(
-    index: int, *, seed: int, size: int, include_held_out: bool
+    index: int,
+    *,
+    seed: int,
+    size: int,
+    include_held_out: bool,
+    mix: SceneMix = DEFAULT_SCENE_MIX,
 ) -> tuple[Image.Image, dict]:
     """Image ``index`` of the dataset with ``seed``, and its record (captions and objects)."""
     rng = np.random.default_rng([seed, index])
     pairs = allowed_pairs(include_held_out)
-    objects = sample_scene(rng, pairs)
+    objects = sample_scene(rng, pairs, mix)
     captions = scene_captions(objects, rng, pairs)
     record = {
         "captions": [c.to_dict() for c in captions],
@@ -68,6 +80,7 @@ def make_dataset(
     webdataset_shards: int | None = None,
     include_held_out: bool = False,
     *,
+    mix: SceneMix = DEFAULT_SCENE_MIX,
     workers: int = 1,
     progress: bool = True,
 ) -> Path:
@@ -75,7 +88,9 @@ def make_dataset(
 
     With ``webdataset_shards=K`` the images go into K tar shards (contiguous, near-equal runs
     of keys) instead of the folder format. ``include_held_out`` lets images contain the
-    ``HELD_OUT_PAIRS`` colour/shape combinations, which are otherwise never drawn.
+    ``HELD_OUT_PAIRS`` colour/shape combinations, which are otherwise never drawn. ``mix``
+    sets the scene kinds' probabilities and how many pairs stand in a relation (a
+    ``SceneMix``; the default is the shipped model's data).
     ``workers`` processes render in parallel (images in the folder format, whole shards in the
     WebDataset format); the files are the same for any number of workers.
     """
@@ -91,11 +106,15 @@ def make_dataset(
         raise ValueError(
             f"webdataset_shards must be None or an integer in 1..n={n}, got {webdataset_shards!r}"
         )
+    if not isinstance(mix, SceneMix):
+        raise TypeError(f"mix must be a SceneMix, got {type(mix).__name__}")
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    record = functools.partial(make_record, seed=seed, size=size, include_held_out=include_held_out)
+    record = functools.partial(
+        make_record, seed=seed, size=size, include_held_out=include_held_out, mix=mix
+    )
 
     with tqdm(total=n, desc="shapes dataset", unit="img", disable=not progress) as bar:
         if webdataset_shards is None:
@@ -120,6 +139,7 @@ def make_dataset(
             "size": size,
             "seed": seed,
             "include_held_out": include_held_out,
+            "scene_mix": mix.as_dict(),
             "held_out_pairs": sorted(list(p) for p in HELD_OUT_PAIRS),
             "webdataset_shards": webdataset_shards,
         },

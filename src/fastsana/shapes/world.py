@@ -214,18 +214,70 @@ def place_objects(
     raise RuntimeError(f"no layout found for {list(classes)} (relation={relation!r})")
 
 
-# Scene kinds for training images, with their probabilities: one object; 2–4 copies of one
-# class (counting); two different classes (half the time placed in a clear relation); and
-# 3–4 objects of mixed classes.
-SCENE_KINDS: dict[str, float] = {"single": 0.2, "count": 0.25, "pair": 0.35, "mixed": 0.2}
+@dataclass(frozen=True)
+class SceneMix:
+    """What training scenes are made of: the probability of each scene kind — one object
+    (``single``); 2–4 copies of one class (``count``); two different classes (``pair``); 3–4
+    objects of mixed classes (``mixed``) — and the share of pair scenes placed in a clear
+    spatial relation (``relation``). The defaults are the shipped model's data."""
+
+    single: float = 0.2
+    count: float = 0.25
+    pair: float = 0.35
+    mixed: float = 0.2
+    relation: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name, value in self.as_dict().items():
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"SceneMix.{name} must be a number in [0, 1], got {value!r}")
+        total = sum(self.kinds().values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"SceneMix kind probabilities single + count + pair + mixed must sum to 1, "
+                f"got {total:g} ({self.kinds()})"
+            )
+
+    def kinds(self) -> dict[str, float]:
+        return {"single": self.single, "count": self.count, "pair": self.pair, "mixed": self.mixed}
+
+    def as_dict(self) -> dict[str, float]:
+        return {**self.kinds(), "relation": self.relation}
+
+    @classmethod
+    def parse(cls, text: str) -> SceneMix:
+        """``"pair=0.6,count=0.2,single=0.1,mixed=0.1,relation=0.9"``; fields not named keep
+        their defaults (so the kinds named must leave the rest summing to 1)."""
+        fields: dict[str, float] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or key not in cls().as_dict():
+                raise ValueError(
+                    f"scene mix items are NAME=VALUE with NAME one of "
+                    f"{', '.join(cls().as_dict())}, got {item!r}"
+                )
+            try:
+                fields[key] = float(value)
+            except ValueError:
+                raise ValueError(f"scene mix {key} must be a number, got {value!r}") from None
+        return cls(**fields)
 
 
-def sample_scene(rng: np.random.Generator, pairs: Sequence[tuple[str, str]]) -> list[SceneObject]:
-    """A random training scene drawn from the (colour, shape) ``pairs`` allowed."""
+DEFAULT_SCENE_MIX = SceneMix()
+
+
+def sample_scene(
+    rng: np.random.Generator,
+    pairs: Sequence[tuple[str, str]],
+    mix: SceneMix = DEFAULT_SCENE_MIX,
+) -> list[SceneObject]:
+    """A random training scene drawn from the (colour, shape) ``pairs`` allowed, its kind
+    drawn from ``mix``."""
     if len(pairs) < 2:
         raise ValueError(f"sample_scene needs at least two allowed pairs, got {len(pairs)}")
-    kinds = list(SCENE_KINDS)
-    kind = kinds[rng.choice(len(kinds), p=list(SCENE_KINDS.values()))]
+    kinds = mix.kinds()
+    kind = list(kinds)[rng.choice(len(kinds), p=list(kinds.values()))]
 
     def pick() -> tuple[str, str]:
         return pairs[rng.integers(len(pairs))]
@@ -239,7 +291,7 @@ def sample_scene(rng: np.random.Generator, pairs: Sequence[tuple[str, str]]) -> 
         second = pick()
         while second == first:
             second = pick()
-        relation = RELATIONS[rng.integers(len(RELATIONS))] if rng.random() < 0.5 else None
+        relation = RELATIONS[rng.integers(len(RELATIONS))] if rng.random() < mix.relation else None
         return place_objects([first, second], rng, relation=relation)
     n = int(rng.integers(3, MAX_OBJECTS + 1))
     classes = [pick() for _ in range(n)]
