@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -156,6 +158,7 @@ def test_prompt_file_batch_and_grid(model_dir, tmp_path, capsys) -> None:
         (["generate", "x", "--model", "/nonexistent/model"], "model not found"),
         (["generate", "x", "--model", "no-such-org/no-such-model"], "could not get"),  # offline
         (["generate", "x", "-o", "out.jpg"], "must end in .png"),
+        (["generate", "x", "--guidance", "-1"], "--guidance must be a finite number"),
         (["convert", "/nonexistent.pth", "out"], "not found"),
         (["demo", "--preset", "nope"], "invalid choice"),
     ],
@@ -209,20 +212,40 @@ def test_demo_runs(capsys) -> None:
     assert status == 0 and f"{expected:,} parameters" in stdout
 
 
-def test_generate_encodes_every_prompt_then_frees_the_text_encoder(
+def test_generate_encodes_with_the_text_encoder_alone_before_loading_the_dit(
     model_dir, tmp_path, capsys, monkeypatch
 ) -> None:
-    """The text encoder (GBs for SANA's Gemma-2-2B) is gone before the first denoising step."""
+    """The text encoder (GBs for SANA's Gemma-2-2B) encodes every prompt and is gone before
+    the DiT and the autoencoder are loaded, so the peak is one stage, not their sum."""
+    import fastsana.pipeline as pipeline_module
+
     events: list[str] = []
-    for name, label in (("encode_prompt", "encode"), ("release_text_encoder", "release"),
-                        ("__call__", "generate")):  # fmt: skip
-        original = getattr(SanaPipeline, name)
+    encoders: list[weakref.ref] = []
 
-        def spy(self, *args, _original=original, _label=label, **kwargs):
-            events.append(_label)
-            return _original(self, *args, **kwargs)
+    def load_encoder(*args, _original=pipeline_module.load_text_encoder, **kwargs):
+        encoder, defaults = _original(*args, **kwargs)
+        encoders.append(weakref.ref(encoder))
+        events.append("load text encoder")
+        return encoder, defaults
 
-        monkeypatch.setattr(SanaPipeline, name, spy)
+    def encode(*args, _original=pipeline_module.encode_prompts, **kwargs):
+        events.append("encode")
+        return _original(*args, **kwargs)
+
+    def load_dit(*args, _original=pipeline_module.load_transformer, **kwargs):
+        alive = any(ref() is not None for ref in encoders)
+        events.append("load DiT, encoder alive" if alive else "load DiT")
+        return _original(*args, **kwargs)
+
+    def generate(self, *args, _original=SanaPipeline.__call__, **kwargs):
+        assert self.text_encoder is None  # the denoising pipeline never had one
+        events.append("generate")
+        return _original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "load_text_encoder", load_encoder)
+    monkeypatch.setattr(pipeline_module, "encode_prompts", encode)
+    monkeypatch.setattr(pipeline_module, "load_transformer", load_dit)
+    monkeypatch.setattr(SanaPipeline, "__call__", generate)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{PROMPTS[0]}\n{PROMPTS[1]}\n")
     status, _, _ = run(
@@ -230,8 +253,19 @@ def test_generate_encodes_every_prompt_then_frees_the_text_encoder(
         "--model", model_dir, "--steps", "1", "--max-batch", "1",
     )  # fmt: skip
     assert status == 0
-    assert events == ["encode", "encode", "release", "generate", "generate"]
+    assert events == ["load text encoder", "encode", "encode", "load DiT", "generate", "generate"]
     assert len(list(tmp_path.glob("x-*.png"))) == 2
+
+
+def test_generate_same_image_as_the_pipeline(model_dir, tmp_path, capsys) -> None:
+    """Encoding outside the pipeline changes nothing: the CLI's image is the pipeline's."""
+    out = tmp_path / "cli.png"
+    status, _, _ = run(capsys, "generate", PROMPTS[0], "-o", out, "--model", model_dir,
+                       "--steps", "2", "--seed", "3")  # fmt: skip
+    assert status == 0
+    pipe = SanaPipeline.from_pretrained(model_dir, device="cpu")
+    (want,) = pipe(PROMPTS[0], num_inference_steps=2, seed=3)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want))
 
 
 @pytest.mark.parametrize(("flag", "expected"), [((), True), (("--no-cuda-graphs",), False)])

@@ -6,6 +6,7 @@ Every command reports bad input as one line on stderr and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -124,10 +125,17 @@ def output_paths(output: Path, count: int) -> list[Path]:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Generate images from prompts and write PNGs with their settings as metadata."""
+    import gc
     import random
 
     from fastsana.images import make_grid, save_png
-    from fastsana.pipeline import MODEL_DEFAULT, SanaPipeline, default_model_path
+    from fastsana.pipeline import (
+        MODEL_DEFAULT,
+        SanaPipeline,
+        default_model_path,
+        encode_prompts,
+        load_text_encoder,
+    )
 
     prompts = read_prompts(args)
     height, width = parse_size(args.size) if args.size else (None, None)
@@ -136,29 +144,41 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UsageError(f"-o/--output must end in .png, got {output}")
     if args.batch < 1:
         raise UsageError(f"--batch must be ≥ 1, got {args.batch}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise UsageError(f"--guidance must be a finite number ≥ 0, got {args.guidance}")
     model = args.model or default_model_path()
-    pipe = SanaPipeline.from_pretrained(
-        model, dtype=parse_dtype(args.dtype), device=args.device, quantize=args.quantize
-    )
-    pipe.cuda_graphs = not args.no_cuda_graphs
-    settings = pipe.resolve(height, width, args.steps, args.guidance, args.sampler, args.seed)
-    seed = settings.seed if settings.seed is not None else random.randrange(2**31)
-    use_instruction = pipe.defaults.instruction and not args.no_instruction
+    dtype = parse_dtype(args.dtype)
 
+    # Encode every prompt with the text encoder alone and free it before the DiT and the
+    # autoencoder are loaded: for SANA's Gemma-2-2B it is the largest part (5-10 GB), so the
+    # peak is the larger of the two stages, not their sum (docs/benchmarks.md, "Memory").
+    encoder, defaults = load_text_encoder(model, dtype=dtype, device=args.device)
+    guidance = defaults.guidance_scale if args.guidance is None else args.guidance
+    use_instruction = defaults.instruction and not args.no_instruction
     per_call = max(1, args.max_batch // args.batch)
     starts = range(0, len(prompts), per_call)
-    # Encode every prompt first, then free the text encoder: denoising and decoding do not
-    # need it, and for SANA's Gemma-2-2B it is the largest part (5-10 GB).
     conditions = [
-        pipe.encode_prompt(
+        encode_prompts(
+            encoder,
+            defaults,
             prompts[start : start + per_call],
             args.negative,
             None if args.no_instruction else MODEL_DEFAULT,
-            guidance=settings.guidance_scale != 1.0,
+            guidance=guidance != 1.0,
         )
         for start in starts
     ]
-    pipe.release_text_encoder()
+    del encoder
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    pipe = SanaPipeline.from_pretrained(
+        model, dtype=dtype, device=args.device, quantize=args.quantize, load_text_encoder=False
+    )
+    pipe.cuda_graphs = not args.no_cuda_graphs
+    settings = pipe.resolve(height, width, args.steps, guidance, args.sampler, args.seed)
+    seed = settings.seed if settings.seed is not None else random.randrange(2**31)
 
     images, records = [], []
     for start, (cond, uncond) in zip(starts, conditions, strict=True):

@@ -144,12 +144,8 @@ class SanaPipeline:
                 f"quantize must be None or one of {', '.join(QUANTIZATION_MODES)}, got {quantize!r}"
             )
         folder = _locate_pipeline(path_or_hub_id)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        index = read_json(folder / "model_index.json", "pipeline index")
-        missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
-        if missing:
-            raise CheckpointError(f"{folder} is not a SANA pipeline folder: missing {missing}")
+        device, dtype = resolve_device_dtype(device, dtype)
+        _check_components(folder)
         transformer = load_transformer(folder / "transformer", dtype=dtype, device=device)
         if quantize == "w8a8":
             quantize_w8a8(transformer)
@@ -161,7 +157,7 @@ class SanaPipeline:
             if load_text_encoder
             else None
         )
-        defaults = _read_defaults(folder / "scheduler" / "scheduler_config.json", index)
+        defaults = _folder_defaults(folder)
         return cls(transformer, vae, text_encoder, defaults, **kwargs)  # type: ignore[arg-type]
 
     def save_pretrained(
@@ -218,36 +214,23 @@ class SanaPipeline:
         guidance: bool = True,
         max_sequence_length: int | None = None,
     ) -> tuple[TextCondition, TextCondition | None]:
-        """Text conditions for the prompts and (when guiding) the negative prompts.
+        """Text conditions for the prompts and (when guiding) the negative prompts
+        (``encode_prompts`` with this pipeline's text encoder and defaults).
 
         ``max_sequence_length``: caption tokens (default: the model's, 300 for SANA)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = (
-            [negative_prompt] * len(prompts)
-            if isinstance(negative_prompt, str)
-            else list(negative_prompt)
-        )
-        if len(negatives) != len(prompts):
-            raise ValueError(
-                f"negative_prompt must be a string or a list of {len(prompts)} strings, "
-                f"got {len(negatives)}"
-            )
-        if isinstance(complex_human_instruction, _ModelDefault):
-            complex_human_instruction = DEFAULT_INSTRUCTION if self.defaults.instruction else None
-        length = max_sequence_length or self.defaults.max_sequence_length
         encoder = self._require_text_encoder("encode_prompt").to(self.device)
-        emb, mask = encoder.encode(
-            prompts, instruction=complex_human_instruction, max_length=length
-        )
-        cond = TextCondition(emb, mask)
-        uncond = (
-            TextCondition(*encoder.encode_negative(negatives, max_length=length))
-            if guidance
-            else None
+        conditions = encode_prompts(
+            encoder,
+            self.defaults,
+            prompt,
+            negative_prompt,
+            complex_human_instruction,
+            guidance=guidance,
+            max_sequence_length=max_sequence_length,
         )
         if self._should_offload():
             encoder.offload()
-        return cond, uncond
+        return conditions
 
     def release_text_encoder(self) -> None:
         """Drop the text encoder and free its memory (Gemma-2-2B: about 5 GB in bf16, 10 GB in
@@ -451,6 +434,81 @@ def _given_conditions(
             f"{tuple(cond.text.shape)} in batch size and width"
         )
     return cond, uncond
+
+
+@torch.no_grad()
+def encode_prompts(
+    encoder: TextEncoder,
+    defaults: SamplingDefaults,
+    prompt: str | Sequence[str],
+    negative_prompt: str | Sequence[str] = "",
+    complex_human_instruction: Instruction | _ModelDefault | None = MODEL_DEFAULT,
+    *,
+    guidance: bool = True,
+    max_sequence_length: int | None = None,
+) -> tuple[TextCondition, TextCondition | None]:
+    """Text conditions for the prompts and (when ``guidance``) the negative prompts, encoded
+    the way a model with sampling ``defaults`` was trained (instruction, caption length).
+
+    Works without a pipeline, so that a caller short of memory can encode with the text
+    encoder alone, free it, and only then load the DiT and autoencoder (what ``fastsana
+    generate`` does; see ``load_text_encoder``)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = (
+        [negative_prompt] * len(prompts)
+        if isinstance(negative_prompt, str)
+        else list(negative_prompt)
+    )
+    if len(negatives) != len(prompts):
+        raise ValueError(
+            f"negative_prompt must be a string or a list of {len(prompts)} strings, "
+            f"got {len(negatives)}"
+        )
+    if isinstance(complex_human_instruction, _ModelDefault):
+        complex_human_instruction = DEFAULT_INSTRUCTION if defaults.instruction else None
+    length = max_sequence_length or defaults.max_sequence_length
+    emb, mask = encoder.encode(prompts, instruction=complex_human_instruction, max_length=length)
+    cond = TextCondition(emb, mask)
+    uncond = (
+        TextCondition(*encoder.encode_negative(negatives, max_length=length)) if guidance else None
+    )
+    return cond, uncond
+
+
+def resolve_device_dtype(
+    device: str | torch.device | None, dtype: torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
+    """``device=None``: CUDA when available; ``dtype=None``: bf16 on CUDA, fp32 elsewhere."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def load_text_encoder(
+    path_or_hub_id: str | os.PathLike[str],
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[TextEncoder, SamplingDefaults]:
+    """A pipeline folder's text encoder and tokenizer alone, with the folder's sampling
+    defaults (for ``encode_prompts``); same ``dtype`` / ``device`` rules as
+    ``SanaPipeline.from_pretrained``."""
+    folder = _locate_pipeline(path_or_hub_id)
+    device, dtype = resolve_device_dtype(device, dtype)
+    _check_components(folder)  # the whole folder: fail before minutes of encoding, not after
+    encoder = TextEncoder.from_pretrained(
+        folder / "text_encoder", folder / "tokenizer", dtype=dtype, device=device
+    )
+    return encoder, _folder_defaults(folder)
+
+
+def _check_components(folder: Path) -> None:
+    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+    if missing:
+        raise CheckpointError(f"{folder} is not a SANA pipeline folder: missing {missing}")
+
+
+def _folder_defaults(folder: Path) -> SamplingDefaults:
+    index = read_json(folder / "model_index.json", "pipeline index")
+    return _read_defaults(folder / "scheduler" / "scheduler_config.json", index)
 
 
 def _repeat(condition: TextCondition, n: int) -> TextCondition:
