@@ -24,7 +24,8 @@ from fastsana import kernels
 from fastsana.configs import DIT_PRESETS
 from fastsana.models import attention, ops
 
-# (BLOCK_W, BLOCK_C, num_warps) candidates for --sweep-conv-tiles; the first is the default.
+# (BLOCK_W, BLOCK_C, num_warps) candidates for --sweep-conv-tiles: (16, 64, 4) was the first
+# default, (8, 64, 4) the current one (fastsana.kernels._CONV_BLOCK_W/_C).
 CONV_TILES = (
     (16, 64, 4),
     (32, 64, 4),
@@ -97,7 +98,7 @@ def main() -> None:
                 for i in range(4):  # interleaved: off, on, on, off
                     on = i in (1, 2)
                     os.environ["FASTSANA_TRITON"] = "1" if on else "0"  # read per call
-                    os.environ["FASTSANA_TRITON_DWCONV_GLU"] = "1"  # opt-in: time it anyway
+                    os.environ["FASTSANA_TRITON_DWCONV_GLU"] = "1"  # even if turned off outside
                     ms.setdefault(on, []).append(_time_cuda(fn))
                 torch_ms, triton_ms = min(ms[False]), min(ms[True])
                 print(
