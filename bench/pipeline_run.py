@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from bench import measure, models
+from fastsana.quantize import QUANTIZATION_MODES
 
 
 class PrecomputedText:
@@ -109,15 +110,22 @@ class CallTimer:
         self.calls += 1
 
 
-COMPILE_MODES = ["none", "blocks", "blocks-autotune", "blocks-cudagraphs"]
+# --compile choice -> torch.compile options of every block (None: no compilation).
+_COMPILE_OPTIONS: dict[str, dict | None] = {
+    "none": None,
+    "blocks": {},
+    "blocks-autotune": {"mode": "max-autotune-no-cudagraphs"},
+    "blocks-cudagraphs": {"mode": "reduce-overhead"},
+}
+COMPILE_MODES = list(_COMPILE_OPTIONS)
 
 
 def compile_blocks(transformer: nn.Module, mode: str) -> None:
     """Regional ``torch.compile`` of each transformer block (both implementations name the
-    block list ``transformer_blocks``)."""
-    modes = {"blocks": None, "blocks-autotune": "max-autotune-no-cudagraphs",
-             "blocks-cudagraphs": "reduce-overhead"}  # fmt: skip
-    options = {"mode": modes[mode]} if modes[mode] else {}
+    block list ``transformer_blocks``); ``mode`` is one of ``COMPILE_MODES``."""
+    options = _COMPILE_OPTIONS[mode]
+    if options is None:
+        return
     for block in transformer.transformer_blocks:
         block.compile(**options)
 
@@ -136,8 +144,7 @@ def build(args: argparse.Namespace, dtype: torch.dtype, text: Tensor, mask: Tens
         from fastsana.quantize import quantize_w8a8
 
         dit = quantize_w8a8(dit)
-    if args.compile != "none":
-        compile_blocks(dit, args.compile)
+    compile_blocks(dit, args.compile)
     if args.vae_channels_last:
         vae.to(memory_format=torch.channels_last)
     common = dict(height=args.px, width=args.px, num_inference_steps=args.steps,
@@ -182,12 +189,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="images per run")
     p.add_argument("--repeats", type=int, default=1, help="timed runs (median reported)")
     p.add_argument(
-        "--compile",
-        choices=COMPILE_MODES,
-        default="none",
+        "--compile", choices=COMPILE_MODES, default="none", help="torch.compile the DiT blocks"
     )
     p.add_argument("--vae-channels-last", action="store_true", help="decoder weights in NHWC")
-    p.add_argument("--quantize", choices=["w8a8"], default=None)
+    p.add_argument("--quantize", choices=QUANTIZATION_MODES, default=None)
     p.add_argument("--no-cuda-graphs", action="store_true", help="ours: DiT eagerly on CUDA")
     p.add_argument("--threads", type=int, default=None)
     return p

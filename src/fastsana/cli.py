@@ -125,7 +125,6 @@ def output_paths(output: Path, count: int) -> list[Path]:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Generate images from prompts and write PNGs with their settings as metadata."""
-    import gc
     import random
 
     from fastsana.images import make_grid, save_png
@@ -134,6 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         SanaPipeline,
         default_model_path,
         encode_prompts,
+        free_memory,
         load_text_encoder,
     )
 
@@ -169,9 +169,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         for start in starts
     ]
     del encoder
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
     pipe = SanaPipeline.from_pretrained(
         model, dtype=dtype, device=args.device, quantize=args.quantize, load_text_encoder=False

@@ -237,9 +237,7 @@ class SanaPipeline:
         fp32), which denoising and decoding do not need. Encode first: later calls take
         ``prompt_embeds`` / ``negative_prompt_embeds`` from ``encode_prompt``."""
         self.text_encoder = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
     def _require_text_encoder(self, what: str) -> TextEncoder:
         if self.text_encoder is None:
@@ -473,6 +471,13 @@ def encode_prompts(
         TextCondition(*encoder.encode_negative(negatives, max_length=length)) if guidance else None
     )
     return cond, uncond
+
+
+def free_memory() -> None:
+    """Return the memory of objects just dropped: Python's cycles, and CUDA's cached blocks."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def resolve_device_dtype(
