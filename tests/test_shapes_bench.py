@@ -17,6 +17,7 @@ from fastsana.shapes.bench import (
     prompts_per_category,
     run_bench,
     score_prompt,
+    select_categories,
 )
 from fastsana.shapes.cli import add_shapes_commands
 from fastsana.shapes.grammar import Caption, Mention, parse_caption, scene_for_caption
@@ -188,6 +189,36 @@ def test_prompts_per_category_keeps_a_balanced_prefix():
     assert prompts_per_category(specs, 1000) == specs
     with pytest.raises(ValueError, match="prompts per category must be >= 1"):
         prompts_per_category(specs, 0)
+
+
+def test_select_categories_keeps_only_the_named_ones():
+    specs = bench_prompts()
+    subset = select_categories(specs, ["position", "counting"])
+    assert {s.category for s in subset} == {"position", "counting"}
+    assert {s.held_out for s in subset} == {False, True}  # both sets
+    assert subset == [s for s in specs if s.category in ("position", "counting")]
+    with pytest.raises(ValueError, match="got positions"):
+        select_categories(specs, ["positions"])
+    with pytest.raises(ValueError, match="non-empty"):
+        select_categories(specs, [])
+
+
+def test_cli_bench_categories(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_shapes_commands(parser.add_subparsers(dest="command", required=True))
+    argv = ["shapes", "bench", "--ground-truth", "--images-per-prompt", "1"]
+    argv += ["--prompts-per-category", "1", "--out", str(tmp_path)]
+    args = parser.parse_args([*argv, "--categories", "position, colours"])
+    assert args.categories == ["position", "colours"]
+    assert args.func(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["categories"]) == {"position", "colours"}
+    assert {p["category"] for p in results["prompts"]} == {"position", "colours"}
+    table = capsys.readouterr().out
+    assert "| position |" in table and "| counting |" not in table
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "--categories", "shapes"])
+    assert "categories must be a non-empty selection" in capsys.readouterr().err
 
 
 def test_cli_bench_through_an_autoencoder(tmp_path, capsys):

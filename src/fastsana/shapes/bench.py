@@ -199,6 +199,18 @@ def prompts_per_category(specs: Sequence[PromptSpec], n: int) -> list[PromptSpec
     return kept
 
 
+def select_categories(specs: Sequence[PromptSpec], categories: Sequence[str]) -> list[PromptSpec]:
+    """The prompts of the named categories only (main and held-out sets), in their order: a
+    cheaper check of the categories a change is aimed at (report it as such)."""
+    unknown = [c for c in categories if c not in CATEGORIES]
+    if unknown or not categories:
+        raise ValueError(
+            f"categories must be a non-empty selection of {', '.join(CATEGORIES)}; "
+            f"got {', '.join(categories) or 'none'}"
+        )
+    return [s for s in specs if s.category in categories]
+
+
 def ground_truth_generator(size: int = 256) -> Generate:
     """A "generator" that renders exactly what each prompt asks for (a sanity check)."""
 
@@ -265,6 +277,8 @@ class BenchResult:
             "|---|---|---|---|---|",
         ]
         for c in CATEGORIES:
+            if count(False, c) + count(True, c) == 0:
+                continue  # not benchmarked (--categories)
             main = self.categories.get(c, math.nan)
             held = self.held_out_categories.get(c, math.nan)
             lines.append(

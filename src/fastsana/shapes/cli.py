@@ -13,11 +13,13 @@ import numpy as np
 from PIL import Image
 
 from fastsana.shapes.bench import (
+    CATEGORIES,
     Generate,
     bench_prompts,
     ground_truth_generator,
     prompts_per_category,
     run_bench,
+    select_categories,
 )
 from fastsana.shapes.dataset import make_dataset
 from fastsana.shapes.world import DEFAULT_SCENE_MIX, SceneMix
@@ -35,6 +37,15 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
     return value
+
+
+def _categories(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    try:
+        select_categories([], names)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return names
 
 
 def add_shapes_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -91,6 +102,13 @@ def add_shapes_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
         type=_positive_int,
         default=None,
         help="score only the first N prompts of each category (main and held-out sets)",
+    )
+    bench.add_argument(
+        "--categories",
+        type=_categories,
+        default=None,
+        metavar="NAME,...",
+        help=f"score only these categories (of {', '.join(CATEGORIES)})",
     )
     bench.add_argument("--steps", type=_positive_int, default=20, help="sampling steps")
     bench.add_argument("--sampler", default="flow_dpm")
@@ -192,6 +210,8 @@ def _bench_command(args: argparse.Namespace) -> int:
             size=args.size,
         )
     prompts = bench_prompts()
+    if args.categories is not None:
+        prompts = select_categories(prompts, args.categories)
     if args.prompts_per_category is not None:
         prompts = prompts_per_category(prompts, args.prompts_per_category)
     result = run_bench(
