@@ -22,6 +22,10 @@ def main(path: str) -> None:
         jobs = json.load(f)
     for job in jobs:
         train(load_config(data=job["config"]), resume=job["resume"])
+    # Both ranks finish their work before either tears its transport down: a rank that
+    # destroys the group while the other still writes its last files can make gloo abort
+    # that one ("terminate called without an active exception", seen once under load).
+    dist.barrier()
     dist.destroy_process_group()
 
 
