@@ -1,6 +1,7 @@
-"""Peak CPU memory of each stage of a Sana-0.6B text-to-image run, one fresh process per stage.
+"""Peak CPU memory of each stage of a SANA text-to-image run, one fresh process per stage.
 
     python -m bench.memory [--dtype fp32] [--sizes 1024,4096] [--dit-depth 2] [--no-write]
+    python -m bench.memory --preset sana-1.6b --stages dit     # the larger DiT's stage only
 
 Stages (random weights, the real configs): the Gemma-2-2B text encoder encoding one prompt
 with the complex human instruction; one DiT forward with classifier-free guidance (batch 2,
@@ -29,9 +30,11 @@ import sys
 import torch
 
 from bench import measure, models, report
+from fastsana.configs import DIT_PRESETS
 from fastsana.runtime import configure_threads
 
 GIB = 2**30
+STAGES = ("text", "dit", "decode")
 # Tokens the text encoder sees for one prompt: SANA's instruction (about 140 Gemma tokens)
 # plus the 300-token caption window.
 TEXT_WITH_INSTRUCTION = 440
@@ -59,9 +62,9 @@ def stage_text(dtype: torch.dtype) -> dict:
     return {"weights": _weights_bytes(model), "peak": measure.max_rss(), "during": mem.peak_delta}
 
 
-def stage_dit(dtype: torch.dtype, pixels: int, depth: int | None) -> dict:
-    full = models.dit_config("sana-0.6b")
-    config = models.dit_config("sana-0.6b", depth=depth)
+def stage_dit(dtype: torch.dtype, preset: str, pixels: int, depth: int | None) -> dict:
+    full = models.dit_config(preset)
+    config = models.dit_config(preset, depth=depth)
     model = models.build_dit(config, "ours", dtype)
     inputs = models.dit_inputs(config, pixels, batch=2)  # CFG: conditional + unconditional
     with torch.no_grad(), measure.PeakRSS() as mem:
@@ -92,8 +95,12 @@ def _run_stage(args: list[str]) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="peak CPU memory per stage (Sana-0.6B)")
+    p = argparse.ArgumentParser(description="peak CPU memory per stage")
     p.add_argument("--dtype", choices=list(models.DTYPES), default="fp32")
+    p.add_argument("--preset", choices=list(DIT_PRESETS), default="sana-0.6b", help="the DiT")
+    p.add_argument(
+        "--stages", default=",".join(STAGES), help=f"comma-separated, of {','.join(STAGES)}"
+    )
     p.add_argument("--sizes", default="1024,4096")
     p.add_argument("--dit-depth", type=int, default=2, help="blocks run above 1024 px")
     p.add_argument("--no-write", action="store_true")
@@ -105,8 +112,8 @@ def main() -> None:
         if name == "text":
             result = stage_text(dtype)
         elif name == "dit":
-            depth = int(args.stage[3]) if args.stage[3] != "full" else None
-            result = stage_dit(dtype, int(args.stage[2]), depth)
+            depth = int(args.stage[4]) if args.stage[4] != "full" else None
+            result = stage_dit(dtype, args.stage[2], int(args.stage[3]), depth)
         else:
             result = stage_decode(dtype, int(args.stage[2]))
         print(json.dumps(result))
@@ -115,15 +122,20 @@ def main() -> None:
     command = "python -m bench.memory " + " ".join(sys.argv[1:])
     machine = measure.machine_description()
     sizes = [int(s) for s in args.sizes.split(",")]
-    rows = [(f"text encoder (Gemma-2-2B), {TEXT_WITH_INSTRUCTION} tokens", "-",
-             _run_stage(["text", args.dtype]))]  # fmt: skip
-    for px in sizes:
+    stages = args.stages.split(",")
+    if not stages or any(s not in STAGES for s in stages):
+        p.error(f"--stages: expected a comma-separated selection of {STAGES}, got {args.stages}")
+    rows = []
+    if "text" in stages:
+        rows.append((f"text encoder (Gemma-2-2B), {TEXT_WITH_INSTRUCTION} tokens", "-",
+                     _run_stage(["text", args.dtype])))  # fmt: skip
+    for px in sizes if "dit" in stages else []:
         depth = "full" if px <= 1024 else str(args.dit_depth)
-        rows.append((f"DiT forward, CFG batch 2 (depth {depth})", px,
-                     _run_stage(["dit", args.dtype, str(px), depth])))  # fmt: skip
-    rows.append(
-        ("DC-AE decode of one 1024-px tile", 1024, _run_stage(["decode", args.dtype, "1024"]))
-    )
+        rows.append((f"DiT ({args.preset}) forward, CFG batch 2 (depth {depth})", px,
+                     _run_stage(["dit", args.dtype, args.preset, str(px), depth])))  # fmt: skip
+    if "decode" in stages:
+        rows.append(("DC-AE decode of one 1024-px tile", 1024,
+                     _run_stage(["decode", args.dtype, "1024"])))  # fmt: skip
     lines = ["| stage | px | weights GiB | peak RSS GiB | of which during the call GiB |",
              "|---|---|---|---|---|"]  # fmt: skip
     for name, px, r in rows:
@@ -134,7 +146,10 @@ def main() -> None:
             f"dtype: {args.dtype}\n\n" + "\n".join(lines))  # fmt: skip
     print(body)
     if not args.no_write:
-        report.write_block(f"memory-{args.dtype}", body,
+        # The default run keeps its historic block name; any other gets its own block.
+        default = (args.preset, stages) == (p.get_default("preset"), list(STAGES))
+        name = f"memory-{args.dtype}" + ("" if default else f"-{args.preset}-{'-'.join(stages)}")
+        report.write_block(name, body,
                            {"command": command, "machine": machine, "rows": rows})  # fmt: skip
 
 
