@@ -13,8 +13,14 @@ scenes' objects are placed uniformly, so content alone predicts nothing (R² ≈
 1 means the block's features carry the token's position. A model with a sin-cos positional
 embedding is the positive control.
 
+``--results`` instead reads ShapesBench ``results.json`` files and counts, over the position
+prompts, how often the relation holds between the mean centres of the objects matching each
+mention (in images where both are drawn). Unlike the position score, this ignores how many
+objects were drawn, so it shows whether a model has learnt relations at all.
+
     .venv/bin/python bench/position_probe.py --model src/fastsana/assets/sana-shapes \
         --model OTHER_PIPELINE_OR_TRANSFORMER_FOLDER --sigmas 1.0,0.7,0.4
+    .venv/bin/python bench/position_probe.py --results runs/bench-a/results.json ...
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from torch import Tensor
 from fastsana.checkpoints.transformer import load_transformer
 from fastsana.pipeline import SanaPipeline, default_model_path
 from fastsana.runtime import configure_threads
-from fastsana.shapes.grammar import RELATION_PHRASES, scene_captions
+from fastsana.shapes.grammar import RELATION_PHRASES, parse_caption, scene_captions
 from fastsana.shapes.world import (
     COLOURS,
     DEFAULT_SCENE_MIX,
@@ -144,6 +150,30 @@ def text_probe(pipe: SanaPipeline, n: int, seed: int) -> dict[str, float]:
     return accuracy
 
 
+def relation_agreement(results: dict) -> tuple[int, int]:
+    """(images where the relation holds between mean centres, images with both kinds drawn)
+    over the position prompts of a ShapesBench ``results.json``."""
+    right = total = 0
+    for prompt in results["prompts"]:
+        if prompt["category"] != "position":
+            continue
+        caption = parse_caption(prompt["text"])
+        first, second = caption.mentions
+        for detections in prompt["detections"]:
+            a = [d for d in detections if d["colour"] == first.colour and d["shape"] == first.shape]
+            b = [
+                d for d in detections if d["colour"] == second.colour and d["shape"] == second.shape
+            ]
+            if not a or not b:
+                continue
+            dx = np.mean([d["cx"] for d in a]) - np.mean([d["cx"] for d in b])
+            dy = np.mean([d["cy"] for d in a]) - np.mean([d["cy"] for d in b])
+            along = {"left of": -dx, "right of": dx, "above": -dy, "below": dy}
+            total += 1
+            right += bool(along[caption.relation] > 0)
+    return right, total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, action="append", help="transformer or pipeline")
@@ -153,7 +183,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the R² table as JSON")
+    parser.add_argument(
+        "--results", type=Path, nargs="+", help="ShapesBench results.json files (no probe)"
+    )
     args = parser.parse_args()
+    if args.results:
+        for path in args.results:
+            right, total = relation_agreement(json.loads(path.read_text()))
+            share = f"{right / total:.0%}" if total else "-"
+            print(f"{path}: relation holds in {right} of {total} images ({share})")
+        return
     args.sigmas = [float(v) for v in args.sigmas.split(",")]
     configure_threads()
     pipe = SanaPipeline.from_pretrained(args.pipeline or default_model_path())
