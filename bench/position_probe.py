@@ -42,6 +42,7 @@ from fastsana.shapes.world import (
     DEFAULT_SCENE_MIX,
     SHAPES,
     allowed_pairs,
+    offsets_along,
     render_scene,
     sample_scene,
 )
@@ -168,9 +169,8 @@ def relation_agreement(results: dict) -> tuple[int, int]:
                 continue
             dx = np.mean([d["cx"] for d in a]) - np.mean([d["cx"] for d in b])
             dy = np.mean([d["cy"] for d in a]) - np.mean([d["cy"] for d in b])
-            along = {"left of": -dx, "right of": dx, "above": -dy, "below": dy}
             total += 1
-            right += bool(along[caption.relation] > 0)
+            right += bool(offsets_along(dx, dy)[caption.relation] > 0)
     return right, total
 
 

@@ -157,12 +157,18 @@ def allowed_pairs(include_held_out: bool = False) -> list[tuple[str, str]]:
     ]
 
 
+def offsets_along(dx: float, dy: float) -> dict[str, float]:
+    """How far a point at offset (dx, dy) from another lies in each relation's direction
+    (image coordinates: y grows downwards)."""
+    return {"left of": -dx, "right of": dx, "above": -dy, "below": dy}
+
+
 def relations(a: Located, b: Located, *, clear: bool = False) -> frozenset[str]:
     """The relations from ``RELATIONS`` that hold for ``a`` relative to ``b``."""
     min_offset, min_cos = CLEAR_RELATION if clear else LOOSE_RELATION
     dx, dy = a.cx - b.cx, a.cy - b.cy
     norm = math.hypot(dx, dy)
-    along = {"left of": -dx, "right of": dx, "above": -dy, "below": dy}
+    along = offsets_along(dx, dy)
     return frozenset(r for r, s in along.items() if s >= min_offset and s >= min_cos * norm)
 
 
