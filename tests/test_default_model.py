@@ -69,3 +69,48 @@ def test_generate_without_model_uses_it(tmp_path, capsys) -> None:
     meta = read_png_metadata(out)
     assert meta["model"] == str(default_model_path())
     assert meta["size"] == "1024x1024" and meta["complex_human_instruction"] is False
+
+
+def _latent_sides(transformer) -> tuple[list[tuple[int, int]], object]:
+    """Record the latent (h, w) of every DiT call; returns the list and the hook handle."""
+    sides: list[tuple[int, int]] = []
+    handle = transformer.register_forward_pre_hook(
+        lambda _module, args: sides.append(tuple(args[0].shape[-2:]))
+    )
+    return sides, handle
+
+
+def test_bench_size_is_generated_at_that_size(monkeypatch) -> None:
+    """``shapes bench --size 64`` on a 512-px model must run the DiT on 2×2 latents: resolution
+    binning would generate in the 512-px bin and resize, scoring the model at its native size
+    instead of the asked one (what made session 6's 256-px checks wrong)."""
+    seen: list[tuple[int, int]] = []
+    original = SanaPipeline.from_pretrained
+
+    def spying_from_pretrained(*args, **kwargs):
+        pipe = original(*args, **kwargs)
+        sides, _ = _latent_sides(pipe.transformer)
+        seen.append(sides)  # type: ignore[arg-type]
+        return pipe
+
+    monkeypatch.setattr(SanaPipeline, "from_pretrained", spying_from_pretrained)
+    generate = pipeline_generator(
+        default_model_path(), steps=2, sampler="flow_euler", guidance=1.0, size=64
+    )
+    images = generate(["a red circle"], [0])
+    assert images[0].size == (64, 64)
+    assert seen and seen[0] and set(seen[0]) == {(2, 2)}, seen  # type: ignore[arg-type]
+
+
+def test_validation_grid_is_generated_at_the_asked_size(pipe: SanaPipeline) -> None:
+    from fastsana.training.config import ValidationConfig
+    from fastsana.training.validation import validation_images
+
+    sides, handle = _latent_sides(pipe.transformer)
+    try:
+        config = ValidationConfig(prompts=["a red circle"], seeds=[0], steps=2)
+        rows = validation_images(pipe, config, default_side=64)
+    finally:
+        handle.remove()
+    assert rows[0][0].size == (64, 64)
+    assert sides and set(sides) == {(2, 2)}, sides

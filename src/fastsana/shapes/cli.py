@@ -120,7 +120,8 @@ def add_shapes_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
         "--size",
         type=_positive_int,
         default=None,
-        help="image side (default: 256 for --ground-truth, else the model's native size)",
+        help="image side, generated at exactly this size (no resolution binning; default: "
+        "256 for --ground-truth, else the model's native size)",
     )
     bench.add_argument(
         "--through-autoencoder",
@@ -288,7 +289,9 @@ def pipeline_generator(
     quantize: str | None = None,
 ) -> Generate:
     """ShapesBench generator backed by ``fastsana.SanaPipeline`` (the only pipeline wiring).
-    ``size``: image side (default: the model's native size); ``quantize``: e.g. ``"w8a8"``."""
+    ``size``: image side (default: the model's native size), generated at exactly that size
+    (no resolution binning, which would otherwise score a 512-px model's 256-px request at
+    512 px, resized); ``quantize``: e.g. ``"w8a8"``."""
     from fastsana import SanaPipeline  # lazy: loads torch and the model only when benchmarking
 
     pipe = SanaPipeline.from_pretrained(model_dir, quantize=quantize)
@@ -298,6 +301,7 @@ def pipeline_generator(
         "output_type": "pil",
         "height": size,
         "width": size,
+        "use_resolution_binning": False,
         "progress": False,  # the benchmark shows its own progress bar
     }
     if guidance is not None:

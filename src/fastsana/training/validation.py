@@ -2,6 +2,10 @@
 
 Rows are prompts, columns seeds; each column is one pipeline call on all prompts with that
 seed, so a grid at step N and at step M differ only by the weights.
+
+Images are generated at exactly the asked size, without resolution binning: binning would
+move a 256-px validation of a model whose ``sample_size`` says 512 px to the 512-px bin, so
+the grid would show the model at a size it is not being trained at.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ def validation_images(
             guidance_scale=config.guidance_scale,
             seed=seed,
             sampler=config.sampler,
+            use_resolution_binning=False,
             progress=False,
         )
         for seed in config.seeds
