@@ -7,7 +7,9 @@ each leaf command sets ``func``, which takes the parsed arguments and returns an
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -23,6 +25,9 @@ from fastsana.shapes.bench import (
 )
 from fastsana.shapes.dataset import make_dataset
 from fastsana.shapes.world import DEFAULT_SCENE_MIX, SceneMix
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _positive_int(text: str) -> int:
@@ -292,6 +297,8 @@ def pipeline_generator(
     ``size``: image side (default: the model's native size), generated at exactly that size
     (no resolution binning, which would otherwise score a 512-px model's 256-px request at
     512 px, resized); ``quantize``: e.g. ``"w8a8"``."""
+    import torch
+
     from fastsana import SanaPipeline  # lazy: loads torch and the model only when benchmarking
 
     pipe = SanaPipeline.from_pretrained(model_dir, quantize=quantize)
@@ -307,13 +314,32 @@ def pipeline_generator(
     if guidance is not None:
         options["guidance_scale"] = guidance
 
+    side = size or pipe.native_size
+    f = pipe.vae.spatial_compression
+    latent_shape = (pipe.transformer.config.in_channels, side // f, side // f)
+
     def generate(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         images: list[Image.Image | None] = [None] * len(prompts)
         for seed in dict.fromkeys(seeds):  # one call per distinct seed, its prompts batched
             where = [i for i, s in enumerate(seeds) if s == seed]
-            outputs = pipe([prompts[i] for i in where], seed=seed, **options)
+            noise = torch.stack([image_noise(prompts[i], seed, latent_shape) for i in where])
+            outputs = pipe([prompts[i] for i in where], seed=seed, latents=noise, **options)
             for i, image in zip(where, outputs, strict=True):
                 images[i] = image
         return images  # type: ignore[return-value]  # every slot was filled above
 
     return generate
+
+
+def image_noise(prompt: str, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The initial noise of one benchmark image, drawn from ``(seed, prompt)`` alone.
+
+    A pipeline call draws one noise tensor for its whole batch, so an image would change with
+    the prompts batched beside it: ``--batch-size`` and a ``--categories`` subset would then
+    change the scores. Per-image noise makes an image depend only on its prompt and seed."""
+    import torch  # lazy, as in pipeline_generator
+
+    text_id = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=8).digest(), "little")
+    state = np.random.SeedSequence([seed, text_id]).generate_state(2, np.uint32)
+    generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
