@@ -7,7 +7,6 @@ each leaf command sets ``func``, which takes the parsed arguments and returns an
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -323,7 +322,7 @@ def pipeline_generator(
         for seed in dict.fromkeys(seeds):  # one call per distinct seed, its prompts batched
             where = [i for i, s in enumerate(seeds) if s == seed]
             noise = torch.stack([image_noise(prompts[i], seed, latent_shape) for i in where])
-            outputs = pipe([prompts[i] for i in where], seed=seed, latents=noise, **options)
+            outputs = pipe([prompts[i] for i in where], latents=noise, **options)
             for i, image in zip(where, outputs, strict=True):
                 images[i] = image
         return images  # type: ignore[return-value]  # every slot was filled above
@@ -339,7 +338,6 @@ def image_noise(prompt: str, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     change the scores. Per-image noise makes an image depend only on its prompt and seed."""
     import torch  # lazy, as in pipeline_generator
 
-    text_id = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=8).digest(), "little")
-    state = np.random.SeedSequence([seed, text_id]).generate_state(2, np.uint32)
-    generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
+    from fastsana.seeding import keyed_generator
+
+    return torch.randn(shape, generator=keyed_generator(prompt, seed), dtype=torch.float32)

@@ -20,23 +20,19 @@ resumed run redraws exactly what the interrupted one would have.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from fastsana.sampling import NUM_TRAIN_TIMESTEPS, shift_sigmas
+from fastsana.seeding import keyed_generator
 
 
 def sample_generator(seed: int, step: int, batch_index: int, key: str) -> torch.Generator:
     """A CPU generator that depends only on ``(seed, step, batch_index, key)``."""
-    key_id = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-    entropy = [seed, step, batch_index, key_id]
-    state = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return keyed_generator(key, seed, step, batch_index)
 
 
 @dataclass(frozen=True)
