@@ -139,6 +139,11 @@ def main() -> None:
 
     pipe = SanaPipeline.from_pretrained(args.pipeline or models[0], dtype=torch.float32)
     size = args.size or pipe.native_size
+    f = pipe.vae.spatial_compression
+    if size < f or size % f:
+        parser.error(f"--size must be a positive multiple of {f} (the autoencoder's), got {size}")
+    if args.scenes < 1 or args.noises < 1:
+        parser.error("--scenes and --noises must be at least 1")
     images, captions = relation_scenes(args.scenes, size, args.seed)
     with torch.no_grad():
         pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images]))  # (n, H, W, 3)
