@@ -85,6 +85,23 @@ def relation_scenes(n: int, size: int, seed: int) -> tuple[list, list[Caption]]:
     return images, captions
 
 
+def encode_scenes(pipe: SanaPipeline, images: list, batch_size: int = 16) -> Tensor:
+    """Scene images as the DiT's (scaled) latents x0, (n, C, h, w) float32."""
+    pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images]))  # (n, H, W, 3)
+    x = to_unit_range(pixels.permute(0, 3, 1, 2))  # (n, 3, H, W) in [-1, 1]
+    with torch.no_grad():
+        x0 = torch.cat(
+            [pipe.vae.encode(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        )
+    return x0.float() * pipe.vae.scaling_factor
+
+
+def encode_captions(pipe: SanaPipeline, captions: list[Caption]) -> tuple[Tensor, Tensor]:
+    """Caption features (n, L, D) float32 and mask (n, L) from the pipeline's text encoder."""
+    cond, _ = pipe.encode_prompt([c.text() for c in captions], guidance=False)
+    return cond.text.float(), cond.mask
+
+
 def loss_gaps(
     model: torch.nn.Module,
     x0: Tensor,
@@ -145,18 +162,10 @@ def main() -> None:
     if args.scenes < 1 or args.noises < 1:
         parser.error("--scenes and --noises must be at least 1")
     images, captions = relation_scenes(args.scenes, size, args.seed)
-    with torch.no_grad():
-        pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images]))  # (n, H, W, 3)
-        x = to_unit_range(pixels.permute(0, 3, 1, 2))  # (n, 3, H, W) in [-1, 1]
-        x0 = torch.cat([pipe.vae.encode(x[i : i + 16]) for i in range(0, len(x), 16)])
-    x0 = x0.float() * pipe.vae.scaling_factor  # (n, C, h, w)
+    x0 = encode_scenes(pipe, images)  # (n, C, h, w)
 
-    def encode(caps: list[Caption]) -> tuple[Tensor, Tensor]:
-        cond, _ = pipe.encode_prompt([c.text() for c in caps], guidance=False)
-        return cond.text.float(), cond.mask
-
-    true_text = encode(captions)
-    false_texts = {s: encode([false_caption(c, s) for c in captions]) for s in SWAPS}
+    true_text = encode_captions(pipe, captions)
+    false_texts = {s: encode_captions(pipe, [false_caption(c, s) for c in captions]) for s in SWAPS}
     print(
         f"{len(captions)} scenes at {size} px (seed {args.seed}), e.g. true "
         f"{captions[0].text()!r}, false "

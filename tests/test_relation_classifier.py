@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from bench.relation_classifier import SWAPS, false_caption, loss_gaps, relation_scenes
+from bench.relation_classifier import (
+    SWAPS,
+    encode_captions,
+    encode_scenes,
+    false_caption,
+    loss_gaps,
+    relation_scenes,
+)
 from fastsana.pipeline import SanaPipeline, default_model_path
 from fastsana.shapes.grammar import parse_caption
-from fastsana.training.buckets import to_unit_range
 
 
 def test_false_captions_change_one_thing() -> None:
@@ -22,11 +27,12 @@ def test_false_captions_change_one_thing() -> None:
     assert colour.relation == true.relation and colour.mentions[1] == true.mentions[1]
     assert colour.mentions[0].shape == "circle"
     assert colour.mentions[0].colour not in ("red", "blue")
+    assert set(SWAPS) == {"relation", "order", "colour"}
     with pytest.raises(ValueError, match="swap must be one of"):
         false_caption(true, "shape")
 
 
-def test_scenes_match_their_captions() -> None:
+def test_scenes_are_two_object_relation_scenes() -> None:
     images, captions = relation_scenes(4, 128, seed=0)
     assert len(images) == len(captions) == 4
     assert all(c.relation is not None and len(c.mentions) == 2 for c in captions)
@@ -40,18 +46,10 @@ def test_control_prefers_the_true_colour() -> None:
     scenes, the fraction would be near or below 0.5."""
     pipe = SanaPipeline.from_pretrained(default_model_path(), dtype=torch.float32)
     images, captions = relation_scenes(12, pipe.native_size, seed=5)
-    pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images]))
-    with torch.no_grad():
-        x0 = pipe.vae.encode(to_unit_range(pixels.permute(0, 3, 1, 2))) * pipe.vae.scaling_factor
-
-    def encode(caps):
-        cond, _ = pipe.encode_prompt([c.text() for c in caps], guidance=False)
-        return cond.text.float(), cond.mask
-
-    true = encode(captions)
-    wrong = encode([false_caption(c, "colour") for c in captions])
+    x0 = encode_scenes(pipe, images)
+    true = encode_captions(pipe, captions)
+    wrong = encode_captions(pipe, [false_caption(c, "colour") for c in captions])
     gaps = loss_gaps(pipe.transformer, x0, true, wrong, sigmas=[0.7], noises=2)  # (1, 12)
     assert gaps.shape == (1, 12)
     # At σ = 0.7 the gap is small but steady; at 0.85 it is larger and noisier per draw.
     assert (gaps.sum(dim=0) > 0).float().mean() >= 0.75, gaps
-    assert set(SWAPS) == {"relation", "order", "colour"}
