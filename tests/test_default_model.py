@@ -69,6 +69,7 @@ def test_generate_without_model_uses_it(tmp_path, capsys) -> None:
     meta = read_png_metadata(out)
     assert meta["model"] == str(default_model_path())
     assert meta["size"] == "1024x1024" and meta["complex_human_instruction"] is False
+    assert meta["echo"] is False  # the shipped model reads prompts once
 
 
 def _latent_sides(transformer) -> tuple[list[tuple[int, int]], object]:

@@ -212,3 +212,41 @@ def test_precision_variant_folder_loads(tmp_path) -> None:
     expected, _ = TextEncoder(model, tokenizer).encode(["a red circle"], instruction=None)
     got, _ = encoder.encode(["a red circle"], instruction=None)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("instruction", [None, ["Hello there", "User Prompt: "]])
+@pytest.mark.parametrize("max_length", [24, 5])
+def test_echo_keeps_the_second_copy_of_a_full_forward(components, encoder, instruction, max_length):
+    """Echo: each row is what the bare model gives for "[instruction] prompt ⏎ prompt" run on
+    its own (tokenized as one text), at BOS and the second copy's (first max_length - 1)
+    tokens; prompts of different lengths share one padded batch."""
+    model, tokenizer = components
+    prompts = ["a cat", "two small dogs playing in the snow", "an old library"]
+    emb, mask = encoder.encode(prompts, instruction=instruction, max_length=max_length, echo=True)
+    assert emb.shape == (3, max_length, encoder.hidden_size)
+    chi = "" if instruction is None else "\n".join(instruction)
+    for row, prompt in enumerate(prompts):
+        ids = tokenizer(chi + prompt + "\n" + prompt, return_tensors="pt")["input_ids"]
+        n = min(len(tokenizer.encode(prompt, add_special_tokens=False)), max_length - 1)
+        n_copy = len(tokenizer.encode(prompt, add_special_tokens=False))
+        with torch.no_grad():
+            full = model.base_model(input_ids=ids).last_hidden_state[0]  # (T, D)
+        start = ids.shape[1] - n_copy  # the second copy ends the text
+        expected = torch.cat([full[:1], full[start : start + n]])
+        torch.testing.assert_close(emb[row, : n + 1], expected, rtol=1e-5, atol=1e-5)
+        assert mask[row, : n + 1].eq(1).all() and mask[row, n + 1 :].eq(0).all()
+        assert emb[row, n + 1 :].eq(0).all()  # padding positions carry nothing
+
+
+def test_echo_lets_early_tokens_see_later_words(encoder):
+    """Without echo a causal model's first prompt tokens cannot depend on later words; with
+    echo they do. The empty prompt (the null caption) is BOS alone either way."""
+    prompts = ["a cat sleeping on a red sofa", "a cat sleeping on a sofa"]
+    plain, _ = encoder.encode(prompts, instruction=None, max_length=24)
+    echoed, _ = encoder.encode(prompts, instruction=None, max_length=24, echo=True)
+    torch.testing.assert_close(plain[0, :4], plain[1, :4], rtol=0, atol=0)  # "<bos> a ␣ cat"
+    assert (echoed[0, 1:4] - echoed[1, 1:4]).abs().amax() > 1e-4
+    null_plain, null_mask = encoder.encode_negative([""], max_length=8)
+    null_echo, echo_mask = encoder.encode_negative([""], max_length=8, echo=True)
+    assert torch.equal(null_mask, echo_mask) and int(echo_mask.sum()) == 1
+    torch.testing.assert_close(null_echo[:, 0], null_plain[:, 0], rtol=1e-5, atol=1e-5)

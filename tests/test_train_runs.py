@@ -169,19 +169,21 @@ def test_images_on_the_fly_with_validation_export_and_generation(world):
     assert image.size == (256, 256)
 
 
-def test_bare_caption_models_export_their_encoding(world, tmp_path):
-    """A cache of bare captions (--no-instruction) trains a model whose exported pipeline
-    encodes prompts the same way by default; a config that disagrees with its cache is
-    refused before any training."""
+@pytest.mark.parametrize("echo", [False, True])
+def test_bare_caption_models_export_their_encoding(world, tmp_path, echo):
+    """A cache of bare captions (--no-instruction, optionally --echo) trains a model whose
+    exported pipeline encodes prompts the same way by default; a config that disagrees with
+    its cache is refused before any training."""
     _, data, paths, _ = world
     argv = ["cache", str(data), str(tmp_path / "bare"), "--vae", str(paths.vae)]
     argv += ["--text-encoder", str(paths.text_encoder), "--tokenizer", str(paths.tokenizer)]
     argv += ["--base-size", "256", "--text-max-length", "12", "--no-instruction"]
+    argv += ["--echo"] if echo else []
     assert fastsana_main([*argv, "--device", "cpu"]) == 0
     encoder = TextEncoder.from_pretrained(paths.text_encoder, paths.tokenizer)
     sample = CachedLatentDataset(tmp_path / "bare")[0]
     with torch.no_grad():
-        emb, mask = encoder.encode([sample["caption"]], instruction=None, max_length=12)
+        emb, mask = encoder.encode([sample["caption"]], instruction=None, max_length=12, echo=echo)
     assert torch.equal(sample["text_mask"], mask[0])
     kept = mask[0].bool()
     torch.testing.assert_close(sample["text_embeds"][kept], emb[0][kept], rtol=1e-5, atol=1e-5)
@@ -192,14 +194,20 @@ def test_bare_caption_models_export_their_encoding(world, tmp_path):
         export={"on_finish": True},
     )
     mismatched = dit_config(tmp_path / "refused", paths, **sections)
-    with pytest.raises(ConfigError, match=r"instruction=False, but model\.text_max_length=16"):
+    refusal = rf"instruction=False, echo={echo}, but model\.text_max_length=16"
+    with pytest.raises(ConfigError, match=refusal):
         train(load_config(data=mismatched))
     model = {"text_max_length": 12, "text_instruction": False, "sampling": {"guidance_scale": 3}}
+    wrong_echo = {**model, "text_echo": not echo}
+    with pytest.raises(ConfigError, match=rf"model\.text_echo={not echo}"):
+        train(load_config(data=dit_config(tmp_path / "r2", paths, model=wrong_echo, **sections)))
+    model["text_echo"] = echo
     summary = train(
         load_config(data=dit_config(tmp_path / "bare-run", paths, model=model, **sections))
     )
     pipe = SanaPipeline.from_pretrained(summary.export_dir, device="cpu")
-    assert (pipe.defaults.instruction, pipe.defaults.max_sequence_length) == (False, 12)
+    defaults = pipe.defaults
+    assert (defaults.instruction, defaults.max_sequence_length, defaults.echo) == (False, 12, echo)
     assert pipe.defaults.guidance_scale == 3.0
     cond, _ = pipe.encode_prompt(sample["caption"], guidance=False)
     torch.testing.assert_close(cond.text, emb)

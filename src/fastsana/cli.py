@@ -208,6 +208,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                     "sampler": settings.sampler,
                     "flow_shift": settings.flow_shift,
                     "complex_human_instruction": use_instruction,
+                    "echo": defaults.echo,
                     "model": str(model),
                     "quantize": args.quantize,
                 }

@@ -105,6 +105,9 @@ class SamplingDefaults:
     # the instruction off; the caption length is a cost knob for cross-attention.
     instruction: bool = True
     max_sequence_length: int = 300
+    # Encode each prompt twice and keep the second copy, whose tokens have seen the whole
+    # prompt (``TextEncoder.encode``'s echo); only for a model trained that way.
+    echo: bool = False
 
     def __post_init__(self) -> None:
         _require(

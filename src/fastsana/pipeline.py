@@ -184,6 +184,7 @@ class SanaPipeline:
                     "sampler": self.defaults.sampler,
                     "instruction": self.defaults.instruction,
                     "max_sequence_length": self.defaults.max_sequence_length,
+                    "echo": self.defaults.echo,
                 },
                 "transformer": ["diffusers", "SanaTransformer2DModel"],
                 "vae": ["diffusers", "AutoencoderDC"],
@@ -446,7 +447,7 @@ def encode_prompts(
     max_sequence_length: int | None = None,
 ) -> tuple[TextCondition, TextCondition | None]:
     """Text conditions for the prompts and (when ``guidance``) the negative prompts, encoded
-    the way a model with sampling ``defaults`` was trained (instruction, caption length).
+    the way a model with sampling ``defaults`` was trained (instruction, caption length, echo).
 
     Works without a pipeline, so that a caller short of memory can encode with the text
     encoder alone, free it, and only then load the DiT and autoencoder (what ``fastsana
@@ -465,10 +466,15 @@ def encode_prompts(
     if isinstance(complex_human_instruction, _ModelDefault):
         complex_human_instruction = DEFAULT_INSTRUCTION if defaults.instruction else None
     length = max_sequence_length or defaults.max_sequence_length
-    emb, mask = encoder.encode(prompts, instruction=complex_human_instruction, max_length=length)
+    echo = defaults.echo
+    emb, mask = encoder.encode(
+        prompts, instruction=complex_human_instruction, max_length=length, echo=echo
+    )
     cond = TextCondition(emb, mask)
     uncond = (
-        TextCondition(*encoder.encode_negative(negatives, max_length=length)) if guidance else None
+        TextCondition(*encoder.encode_negative(negatives, max_length=length, echo=echo))
+        if guidance
+        else None
     )
     return cond, uncond
 
@@ -553,6 +559,7 @@ def _read_defaults(scheduler_config: Path, index: dict) -> SamplingDefaults:
         sampler=ours.get("sampler", base.sampler),
         instruction=bool(ours.get("instruction", base.instruction)),
         max_sequence_length=int(ours.get("max_sequence_length", base.max_sequence_length)),
+        echo=bool(ours.get("echo", base.echo)),
     )
 
 

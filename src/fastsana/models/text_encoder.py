@@ -16,6 +16,13 @@ Encoding, per batch of prompts (the slicing matches diffusers' ``SanaPipeline.en
 4. Keep position 0 and the last ``max_length - 1`` positions of the states and of the mask.
 
 Negative prompts are encoded without the instruction (``encode_negative``).
+
+**Echo** (``echo=True``, an option of ours; Springer et al., 2024, "Repetition Improves
+Language Model Embeddings"). A causal LLM cannot put a later word into an earlier token: in "a
+red circle to the left of a blue square" the features of "red circle" cannot know that it is
+the one on the left. With echo the prompt is written twice, ``[instruction] prompt ⏎ prompt``,
+and the features kept are BOS and those of the second copy, every one of which has attended to
+the whole prompt. The DiT then sees the same number of tokens as without echo.
 """
 
 from __future__ import annotations
@@ -52,6 +59,9 @@ DEFAULT_INSTRUCTION: tuple[str, ...] = (
     "Answer with the enhanced description of the prompt below only, with no comments.",
     "User Prompt: ",
 )
+
+# Between the two copies of an echoed prompt; whitespace-splitting tokenizers drop it.
+ECHO_SEPARATOR = "\n"
 
 Instruction = str | Sequence[str] | None
 
@@ -169,15 +179,18 @@ class TextEncoder:
         *,
         instruction: Instruction = DEFAULT_INSTRUCTION,
         max_length: int = DEFAULT_MAX_LENGTH,
+        echo: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Embeddings (B, max_length, hidden_size) and mask (B, max_length) int64, 1 = token.
 
         ``instruction``: a string, or lines joined with newlines; ``None`` encodes the bare
-        prompts.
+        prompts. ``echo``: encode each prompt twice and keep the second copy (module doc).
         """
         texts = _preprocess(prompts)
         _check_max_length(max_length)
         chi = _join_instruction(instruction)
+        if echo:
+            return self._encode_echo(texts, chi, max_length)
         if chi is None:
             total_length = max_length
         else:
@@ -209,11 +222,49 @@ class TextEncoder:
         mask = torch.cat([mask[:, :1], mask[:, start:]], dim=1)  # (B, max_length)
         return hidden, mask
 
-    def encode_negative(
-        self, prompts: Sequence[str], *, max_length: int = DEFAULT_MAX_LENGTH
+    def _encode_echo(
+        self, texts: list[str], chi: str | None, max_length: int
     ) -> tuple[Tensor, Tensor]:
-        """Negative (unconditional) prompts: encoded without the instruction, as SANA does."""
-        return self.encode(prompts, instruction=None, max_length=max_length)
+        """``[chi] text ⏎ text`` per prompt; BOS and the second copy's features are kept.
+
+        The copy is tokenized on its own (as a bare prompt is) and truncated to
+        ``max_length - 1`` tokens; the prefix before it differs in length from prompt to
+        prompt, so each row's copy is gathered from its own offset."""
+        tok = self.tokenizer
+        prefixes = tok(
+            [(chi or "") + text + ECHO_SEPARATOR for text in texts], add_special_tokens=True
+        )["input_ids"]  # BOS, [instruction], the first copy
+        copies = tok(texts, add_special_tokens=False, truncation=True, max_length=max_length - 1)[
+            "input_ids"
+        ]
+        total = max(len(p) + len(c) for p, c in zip(prefixes, copies, strict=True))
+        ids = torch.full((len(texts), total), tok.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(texts), total), dtype=torch.long)
+        for i, (prefix, copy) in enumerate(zip(prefixes, copies, strict=True)):
+            row = prefix + copy
+            ids[i, : len(row)] = torch.tensor(row)
+            attention[i, : len(row)] = 1
+        device = self.device
+        hidden = self.model(
+            input_ids=ids.to(device), attention_mask=attention.to(device)
+        ).last_hidden_state  # (B, total, D)
+        starts = torch.tensor([len(p) for p in prefixes])  # (B,) where each copy begins
+        lengths = torch.tensor([len(c) for c in copies])  # (B,)
+        offsets = torch.arange(max_length - 1)  # (max_length - 1,)
+        keep = offsets[None] < lengths[:, None]  # (B, max_length - 1)
+        where = (starts[:, None] + offsets[None]).clamp(max=total - 1)  # (B, max_length - 1)
+        copy = hidden.gather(1, where.to(device)[..., None].expand(-1, -1, hidden.shape[-1]))
+        copy = copy * keep.to(device, copy.dtype)[..., None]  # padding rows zeroed
+        hidden = torch.cat([hidden[:, :1], copy], dim=1)  # (B, max_length, D)
+        mask = torch.cat([attention[:, :1], keep.long()], dim=1).to(device)  # (B, max_length)
+        return hidden, mask
+
+    def encode_negative(
+        self, prompts: Sequence[str], *, max_length: int = DEFAULT_MAX_LENGTH, echo: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Negative (unconditional) prompts: encoded without the instruction, as SANA does
+        (echoed when the model was trained with echo, so that "" matches its null caption)."""
+        return self.encode(prompts, instruction=None, max_length=max_length, echo=echo)
 
 
 def _preprocess(prompts: Sequence[str]) -> list[str]:

@@ -48,6 +48,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         text_max_length=args.text_max_length,
         instruction=not args.no_instruction,
+        echo=args.echo,
         device=args.device,
         dtype=parse_dtype(args.dtype),
     )
@@ -117,6 +118,12 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="encode bare captions, without the complex human instruction "
         "(train with model.text_instruction: false)",
+    )
+    cache.add_argument(
+        "--echo",
+        action="store_true",
+        help="encode each caption twice and keep the second copy, whose tokens see the whole "
+        "caption (train with model.text_echo: true)",
     )
     cache.add_argument(
         "--dtype",

@@ -77,9 +77,11 @@ def load_frozen_text_encoder(paths: ComponentPaths, device: torch.device) -> Tex
     return encoder
 
 
-def encode_null_caption(encoder: TextEncoder, max_length: int) -> tuple[Tensor, Tensor]:
+def encode_null_caption(
+    encoder: TextEncoder, max_length: int, echo: bool = False
+) -> tuple[Tensor, Tensor]:
     """The null caption (1, L, D) and its mask (1, L) (see the module docstring)."""
-    return encoder.encode_negative([""], max_length=max_length)
+    return encoder.encode_negative([""], max_length=max_length, echo=echo)
 
 
 def save_null_caption(cache_dir: str | os.PathLike[str], emb: Tensor, mask: Tensor) -> Path:

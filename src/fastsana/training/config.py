@@ -69,6 +69,8 @@ class ModelConfig:
     # Prefix captions with the complex human instruction (SANA's Gemma recipe); a text encoder
     # trained on bare captions (Shapes) turns it off. Exported pipelines remember both.
     text_instruction: bool = True
+    # Encode captions with echo (TextEncoder.encode): every token sees the whole caption.
+    text_echo: bool = False
     # SamplingDefaults fields set over the preset's (steps, guidance_scale, sampler), written
     # into exported pipelines as the model's defaults.
     sampling: dict[str, Any] = field(default_factory=dict)

@@ -51,14 +51,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def _check_cache_text(info: dict[str, Any], config: TrainConfig) -> None:
     """The cache's captions must be encoded as the config says: the exported pipeline encodes
     prompts that way (caches written before these fields existed used SANA's defaults)."""
-    cached = (info.get("text_max_length", 300), info.get("instruction", True))
-    wanted = (config.model.text_max_length, config.model.text_instruction)
+    model = config.model
+    cached = (
+        info.get("text_max_length", 300),
+        info.get("instruction", True),
+        info.get("echo", False),
+    )
+    wanted = (model.text_max_length, model.text_instruction, model.text_echo)
     if cached != wanted:
         raise ConfigError(
             f"data.cache_dir holds captions encoded with text_max_length={cached[0]}, "
-            f"instruction={cached[1]}, but model.text_max_length={wanted[0]}, "
-            f"model.text_instruction={wanted[1]}: set these to match the cache (or re-cache "
-            "with --text-max-length / --no-instruction)"
+            f"instruction={cached[1]}, echo={cached[2]}, but model.text_max_length="
+            f"{wanted[0]}, model.text_instruction={wanted[1]}, model.text_echo={wanted[2]}: "
+            "set these to match the cache (or re-cache with --text-max-length / "
+            "--no-instruction / --echo)"
         )
 
 
@@ -95,7 +101,9 @@ class DiTTask:
         if cached:  # the cache's own, encoded with its caption length (the same on every rank)
             null = read_null_caption(config.data.cache_dir)
         else:
-            null = encode_null_caption(self.text_encoder, config.model.text_max_length)
+            null = encode_null_caption(
+                self.text_encoder, config.model.text_max_length, config.model.text_echo
+            )
         self.null_text, self.null_mask = (t.to(env.device) for t in null)
 
         model, sampling = build_transformer(config.model, config.seed)
@@ -160,6 +168,7 @@ class DiTTask:
                 batch["captions"],
                 instruction=DEFAULT_INSTRUCTION if cfg.model.text_instruction else None,
                 max_length=cfg.model.text_max_length,
+                echo=cfg.model.text_echo,
             )
         return x0 * self.scaling_factor, text.float(), mask
 

@@ -83,10 +83,15 @@ def dit_config_for(model: ModelConfig) -> tuple[DiTConfig | None, SamplingDefaul
     for name, owner in (
         ("instruction", "text_instruction"),
         ("max_sequence_length", "text_max_length"),
+        ("echo", "text_echo"),
     ):
         if name in overrides:
             raise ConfigError(f"set model.{owner} instead of model.sampling.{name}")
-    overrides.update(instruction=model.text_instruction, max_sequence_length=model.text_max_length)
+    overrides.update(
+        instruction=model.text_instruction,
+        max_sequence_length=model.text_max_length,
+        echo=model.text_echo,
+    )
     if model.preset is None:
         return None, SamplingDefaults(**overrides)
     preset = DIT_PRESETS[model.preset]

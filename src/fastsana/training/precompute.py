@@ -34,6 +34,7 @@ def cache_dataset(
     batch_size: int = 16,
     text_max_length: int = 300,
     instruction: bool = True,
+    echo: bool = False,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
@@ -42,7 +43,7 @@ def cache_dataset(
 
     ``dtype``: what the tensors are stored as (bf16 halves the cache); encoding runs in fp32.
     ``instruction``: prefix captions with the complex human instruction (as training on the
-    fly does with ``model.text_instruction``).
+    fly does with ``model.text_instruction``). ``echo``: encode with echo (``model.text_echo``).
     """
     if paths.vae is None:
         raise ValueError("cache: the autoencoder is needed (--vae or --pipeline)")
@@ -56,7 +57,7 @@ def cache_dataset(
         return vae.encode(pixels.to(device)).to(dtype).cpu()  # unscaled latents
 
     def encode_text(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        emb, mask = encoder.encode(texts, instruction=chi, max_length=text_max_length)
+        emb, mask = encoder.encode(texts, instruction=chi, max_length=text_max_length, echo=echo)
         return emb.to(dtype).cpu(), mask.cpu()
 
     info = {
@@ -67,6 +68,7 @@ def cache_dataset(
         "latents": "unscaled",
         "text_max_length": text_max_length,
         "instruction": instruction,
+        "echo": echo,
         "dtype": str(dtype).removeprefix("torch."),
     }
     summary = write_cache(
@@ -80,6 +82,6 @@ def cache_dataset(
         progress=progress,
     )
     with torch.no_grad():
-        emb, mask = encode_null_caption(encoder, text_max_length)
+        emb, mask = encode_null_caption(encoder, text_max_length, echo)
     save_null_caption(cache_dir, emb.to(dtype), mask)
     return summary
