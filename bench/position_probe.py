@@ -13,6 +13,10 @@ scenes' objects are placed uniformly, so content alone predicts nothing (R² ≈
 1 means the block's features carry the token's position. A model with a sin-cos positional
 embedding is the positive control.
 
+It also reads the caption features themselves: the relation at each noun of "a C1 S1
+<relation> a C2 S2" (``text_probe``), and the side of the image each object is on, with the
+prompt encoded once and with echo (``side_probe``).
+
 ``--results`` instead reads ShapesBench ``results.json`` files and counts, over the position
 prompts, how often the relation holds between the mean centres of the objects matching each
 mention (in images where both are drawn). Unlike the position score, this ignores how many
@@ -120,6 +124,31 @@ def probe(folder: Path, pipe: SanaPipeline, args: argparse.Namespace) -> dict:
     return result
 
 
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, classes: int) -> float:
+    """Held-out accuracy of a ridge read-out of ``labels`` from ``features`` (n, D), fitted
+    on the first three quarters of the rows (features standardised on them)."""
+    split = (len(labels) * 3) // 4
+    target = np.eye(classes)[labels]
+    mean, std = features[:split].mean(0), features[:split].std(0) + 1e-8
+    a, b = (features[:split] - mean) / std, (features[split:] - mean) / std
+    w = np.linalg.solve(a.T @ a + 1e-2 * split * np.eye(a.shape[1]), a.T @ target[:split])
+    return float(((b @ w).argmax(1) == labels[split:]).mean())
+
+
+def _two_object_captions(rng: np.random.Generator, phrases: list[str], labels) -> list[str]:
+    captions = []
+    for label in labels:
+        s1, s2 = rng.choice(SHAPES, 2, replace=False)
+        c1, c2 = rng.choice(COLOURS, 2)
+        captions.append(f"a {c1} {s1} {phrases[label]} a {c2} {s2}")
+    return captions
+
+
+# Token positions in the encoder's output for "a C1 S1 ... a C2 S2": BOS, "a", colour, shape
+# (one word each in the Shapes vocabulary); the second noun is the last token.
+FIRST_NOUN = 3
+
+
 def text_probe(pipe: SanaPipeline, n: int, seed: int) -> dict[str, float]:
     """Held-out accuracy of a linear read-out of the relation (four relations or "and") from
     the caption features of "a C1 S1 <relation> a C2 S2", at the first object's noun and at
@@ -128,27 +157,42 @@ def text_probe(pipe: SanaPipeline, n: int, seed: int) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     phrases = [*RELATION_PHRASES.values(), "and"]
     labels = rng.integers(len(phrases), size=n)
-    captions = []
-    for label in labels:
-        s1, s2 = rng.choice(SHAPES, 2, replace=False)
-        c1, c2 = rng.choice(COLOURS, 2)
-        captions.append(f"a {c1} {s1} {phrases[label]} a {c2} {s2}")
-    cond, _ = pipe.encode_prompt(captions, guidance=False)
+    cond, _ = pipe.encode_prompt(_two_object_captions(rng, phrases, labels), guidance=False)
     text = cond.text.double().numpy()  # (n, L, D)
     last = cond.mask.sum(1).numpy() - 1
-    first_noun = 3  # BOS, "a", colour, shape (one word each in the Shapes vocabulary)
-    target = np.eye(len(phrases))[labels]
-    split = (n * 3) // 4
-    accuracy = {}
-    for name, feats in (
-        ("first noun", text[:, first_noun]),
-        ("last token", text[np.arange(n), last]),
-    ):
-        mean, std = feats[:split].mean(0), feats[:split].std(0) + 1e-8
-        a, b = (feats[:split] - mean) / std, (feats[split:] - mean) / std
-        w = np.linalg.solve(a.T @ a + 1e-2 * split * np.eye(a.shape[1]), a.T @ target[:split])
-        accuracy[name] = float(((b @ w).argmax(1) == labels[split:]).mean())
-    return accuracy
+    return {
+        "first noun": probe_accuracy(text[:, FIRST_NOUN], labels, len(phrases)),
+        "last token": probe_accuracy(text[np.arange(n), last], labels, len(phrases)),
+    }
+
+
+# The side of the image each object of "A <relation> B" is on: 0 left, 1 right, 2 top, 3 bottom.
+SIDE_OF_FIRST = {"left of": 0, "right of": 1, "above": 2, "below": 3}
+OTHER_SIDE = np.array([1, 0, 3, 2])
+
+
+def side_probe(pipe: SanaPipeline, n: int, seed: int) -> dict[str, float]:
+    """Held-out accuracy of a linear read-out of the side of the image (four classes, chance
+    0.25) each object of "a C1 S1 <relation> a C2 S2" is on, from its noun's features, with
+    the prompt encoded once and with echo (``TextEncoder.encode``). What the DiT needs to
+    place an object is exactly this, at that object's tokens."""
+    rng = np.random.default_rng(seed)
+    relations = list(RELATION_PHRASES)
+    labels = rng.integers(len(relations), size=n)
+    captions = _two_object_captions(rng, list(RELATION_PHRASES.values()), labels)
+    first = np.array([SIDE_OF_FIRST[relations[k]] for k in labels])
+    result = {}
+    for name, echo in (("once", False), ("echo", True)):
+        emb, mask = pipe.text_encoder.encode(
+            captions, instruction=None, max_length=pipe.defaults.max_sequence_length, echo=echo
+        )
+        text = emb.double().numpy()  # (n, L, D)
+        last = mask.sum(1).numpy() - 1
+        result[f"{name}, first noun"] = probe_accuracy(text[:, FIRST_NOUN], first, 4)
+        result[f"{name}, second noun"] = probe_accuracy(
+            text[np.arange(n), last], OTHER_SIDE[first], 4
+        )
+    return result
 
 
 def relation_agreement(results: dict) -> tuple[int, int]:
@@ -200,6 +244,8 @@ def main() -> None:
     results = {str(m): probe(m, pipe, args) for m in models}
     relation = text_probe(pipe, 2000, args.seed)
     print("relation read out of the caption features (held-out accuracy, chance 0.2):", relation)
+    side = side_probe(pipe, 2000, args.seed)
+    print("each object's side read out of its noun (held-out accuracy, chance 0.25):", side)
     for name, by_sigma in results.items():
         depth = len(next(iter(by_sigma.values()))) - 1
         print(f"\n{name}: R² of (column, row) from the tokens, held-out scenes")
@@ -207,7 +253,8 @@ def main() -> None:
         for sigma, layers in by_sigma.items():
             print(f"| {sigma} | " + " | ".join(f"{c:.2f} / {r:.2f}" for c, r in layers) + " |")
     if args.out is not None:
-        args.out.write_text(json.dumps({"blocks": results, "text": relation}, indent=1))
+        text = {"relation": relation, "side": side}
+        args.out.write_text(json.dumps({"blocks": results, "text": text}, indent=1))
 
 
 if __name__ == "__main__":

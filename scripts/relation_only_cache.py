@@ -1,0 +1,90 @@
+"""Copy a ``fastsana cache`` keeping only the scenes whose complete caption states a relation.
+
+The minimal binding task of docs/shapes.md (session 9): every sample is two objects in a
+relation, and its only caption is the relation caption. The latents are linked, not copied.
+With ``--echo PIPELINE`` the captions are re-encoded with echo by PIPELINE's text encoder
+(train with ``model.text_echo: true``); otherwise the cached embeddings are kept.
+
+    python scripts/relation_only_cache.py cache/rel-256 cache/bind-256
+    python scripts/relation_only_cache.py cache/bind-256 cache/bind-256-echo \
+        --echo src/fastsana/assets/sana-shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fastsana.models.text_encoder import TextEncoder
+from fastsana.shapes.grammar import parse_caption
+from fastsana.training.components import NULL_CAPTION_FILE, save_null_caption
+
+
+def relation_caption(path: Path) -> tuple[dict, dict, int] | None:
+    """(metadata, best caption, its index) of a cached text file, if that caption has a
+    relation; the best caption is the one with the highest score (the complete one)."""
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    captions = json.loads(meta["captions"])
+    best = max(range(len(captions)), key=lambda i: captions[i]["clip_score"])
+    if parse_caption(captions[best]["text"]).relation is None:
+        return None
+    return meta, captions[best], best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("source", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--echo", type=Path, default=None, help="pipeline to re-encode with")
+    args = parser.parse_args()
+    if args.out.exists():
+        parser.error(f"{args.out} exists; choose a new folder")
+    info = json.loads((args.source / "cache_info.json").read_text())
+    encoder = None
+    if args.echo is not None:
+        encoder = TextEncoder.from_pretrained(
+            args.echo / "text_encoder", args.echo / "tokenizer", dtype=torch.float32
+        )
+        info["info"].update(echo=True, text_encoder=str((args.echo / "text_encoder").resolve()))
+    (args.out / "text").mkdir(parents=True)
+    os.symlink((args.source / "latents").resolve(), args.out / "latents")
+    length = int(info["info"]["text_max_length"])
+    kept = []
+    for line in (args.source / "index.jsonl").read_text().splitlines():
+        stem = json.loads(line)["stem"]
+        source = args.source / "text" / f"{stem}.safetensors"
+        found = relation_caption(source)
+        if found is None:
+            continue
+        meta, caption, index = found
+        if encoder is None:
+            with safe_open(source, "pt") as f:
+                emb, mask = f.get_tensor(f"emb_{index}"), f.get_tensor(f"mask_{index}")
+        else:
+            emb, mask = encoder.encode(
+                [caption["text"]], instruction=None, max_length=length, echo=True
+            )
+            n = int(mask[0].nonzero().max()) + 1  # stored without trailing padding
+            emb, mask = emb[0, :n].contiguous(), mask[0, :n].contiguous()
+        meta = {**meta, "captions": json.dumps([caption])}
+        save_file({"emb_0": emb, "mask_0": mask}, args.out / "text" / f"{stem}.safetensors", meta)
+        kept.append(line)
+    if encoder is None:
+        shutil.copy(args.source / NULL_CAPTION_FILE, args.out / NULL_CAPTION_FILE)
+    else:
+        save_null_caption(args.out, *encoder.encode_negative([""], max_length=length, echo=True))
+    (args.out / "index.jsonl").write_text("\n".join(kept) + "\n")
+    (args.out / "cache_info.json").write_text(json.dumps(info, indent=2))
+    print(f"kept {len(kept)} of the cached scenes in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
