@@ -15,7 +15,7 @@ from fastsana.training.ae_losses import (
     reconstruction_loss,
     ssim,
 )
-from fastsana.training.config import EMAConfig, OptimizerConfig, ScheduleConfig
+from fastsana.training.config import EMAConfig, ObjectiveConfig, OptimizerConfig, ScheduleConfig
 from fastsana.training.ema import EMA
 from fastsana.training.objectives import (
     draw_flow_inputs,
@@ -53,6 +53,27 @@ def test_flow_shift_moves_sigma_toward_noise(plain):
     assert plain.sigmas.median().item() == pytest.approx(0.5, abs=0.02)
     assert shifted.median().item() == pytest.approx(0.75, abs=0.02)
     assert torch.allclose(shifted, 3 * plain.sigmas / (1 + 2 * plain.sigmas), atol=1e-6)
+
+
+def test_high_sigma_band_takes_its_fraction_and_leaves_the_rest(plain):
+    mixed = draws(high_sigma_fraction=0.25, high_sigma_min=0.9)
+    moved = mixed.sigmas != plain.sigmas  # a logit-normal draw is never exactly a band draw
+    assert abs(moved.float().mean().item() - 0.25) < 0.024  # 3 standard errors
+    band = mixed.sigmas[moved]
+    assert band.min().item() >= 0.9 and band.max().item() < 1.0
+    assert band.mean().item() == pytest.approx(0.95, abs=0.005)  # uniform on [0.9, 1)
+    # The other draws are untouched: same noise, caption drops and σ outside the band.
+    assert torch.equal(mixed.noise, plain.noise)
+    assert torch.equal(mixed.drop_caption, plain.drop_caption)
+    assert torch.equal(mixed.sigmas[~moved], plain.sigmas[~moved])
+    assert bool((draws(KEYS[:200], high_sigma_fraction=1.0).sigmas >= 0.95).all())
+
+
+def test_objective_config_checks_the_band():
+    with pytest.raises(ValueError, match=r"objective\.high_sigma_fraction must be in"):
+        ObjectiveConfig(high_sigma_fraction=1.5)
+    with pytest.raises(ValueError, match=r"objective\.high_sigma_min must be in \[0, 1\)"):
+        ObjectiveConfig(high_sigma_min=1.0)
 
 
 def test_draws_are_per_sample_and_reproducible(plain):

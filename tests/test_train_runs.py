@@ -123,6 +123,31 @@ def test_dit_loss_goes_down_on_cached_latents(world):
     assert set(rows[0]) >= {"loss", "grad_norm", "lr", "samples_per_s", "skipped_images"}
 
 
+def test_objective_settings_reach_the_draws(world, tmp_path, monkeypatch):
+    """The σ distribution the config asks for is the one each step draws from."""
+    _, _, paths, cache = world
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return draw_flow_inputs(*args, **kwargs)
+
+    monkeypatch.setattr("fastsana.training.dit_task.draw_flow_inputs", spy)
+    objective = {"flow_shift": 2.0, "logit_mean": 1.5, "logit_std": 0.5}
+    objective |= {"caption_dropout": 0.0, "high_sigma_fraction": 0.5, "high_sigma_min": 0.8}
+    config = dit_config(
+        tmp_path / "run",
+        paths,
+        data={"cache_dir": str(cache), "batch_size": 2},
+        schedule={"max_steps": 2},
+        objective=objective,
+    )
+    train(load_config(data=config))
+    assert len(seen) == 2
+    for name, value in objective.items():
+        assert all(kwargs[name] == value for kwargs in seen), name
+
+
 def test_loss_plot_is_optional(tmp_path, monkeypatch, caplog):
     (tmp_path / "train_log.csv").write_text("step,loss,lr\n10,2.0,0.1\n20,1.5,0.1\n")
     if importlib.util.find_spec("matplotlib") is not None:

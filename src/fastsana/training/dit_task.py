@@ -186,6 +186,8 @@ class DiTTask:
             logit_mean=cfg.objective.logit_mean,
             logit_std=cfg.objective.logit_std,
             caption_dropout=cfg.objective.caption_dropout,
+            high_sigma_fraction=cfg.objective.high_sigma_fraction,
+            high_sigma_min=cfg.objective.high_sigma_min,
         )
         text, mask = drop_captions(text, mask, self.null_text, self.null_mask, draws.drop_caption)
         with autocast(self.env.device, cfg.model.precision):

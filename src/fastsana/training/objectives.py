@@ -7,7 +7,9 @@ noise level σ ∈ (0, 1):
 
 over all elements, unweighted. σ is logit-normal, u = sigmoid(N(m, s²)), then moved toward
 the noise end by the model's flow shift, σ = k·u / (1 + (k − 1)·u) (the same shift the
-sampler applies to its schedule). The network sees t = 1000·σ.
+sampler applies to its schedule); optionally a fraction of the samples draws σ uniformly from
+a band next to 1 instead, where the layout of the image is decided. The network sees
+t = 1000·σ.
 
 Randomness per sample. Every random number a sample needs in one step (its noise, its σ,
 whether its caption is dropped, an autoencoder crop) comes from a generator seeded with
@@ -55,21 +57,30 @@ def draw_flow_inputs(
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     caption_dropout: float = 0.1,
+    high_sigma_fraction: float = 0.0,
+    high_sigma_min: float = 0.95,
 ) -> FlowDraws:
-    """Noise (B, *latent_shape), shifted logit-normal σ (B,) and caption-drop flags (B,).
+    """Noise (B, *latent_shape), σ (B,) and caption-drop flags (B,).
 
-    Drawn on the CPU in float32 from each sample's own generator (see the module docstring).
+    σ is shifted logit-normal, except that with probability ``high_sigma_fraction`` a sample
+    draws it uniformly from [``high_sigma_min``, 1). Drawn on the CPU in float32 from each
+    sample's own generator (see the module docstring); the band's draws come last, so a run
+    without it draws exactly what it always did.
     """
-    noise, normals, uniforms = [], [], []
+    noise, normals, uniforms, band = [], [], [], []
     for key in keys:
         g = sample_generator(seed, step, batch_index, key)
         noise.append(torch.randn(tuple(latent_shape), generator=g))
         normals.append(torch.randn((), generator=g))
         uniforms.append(torch.rand((), generator=g))
+        band.append(torch.rand(2, generator=g) if high_sigma_fraction > 0 else torch.ones(2))
     u = torch.sigmoid(logit_mean + logit_std * torch.stack(normals))  # (B,)
+    sigmas = shift_sigmas(u, flow_shift)  # (B,)
+    in_band, where = torch.stack(band).unbind(1)  # (B,), (B,) uniform in [0, 1)
+    high = high_sigma_min + (1 - high_sigma_min) * where  # (B,) uniform in [min, 1)
     return FlowDraws(
         noise=torch.stack(noise),  # (B, C, h, w)
-        sigmas=shift_sigmas(u, flow_shift),  # (B,)
+        sigmas=torch.where(in_band < high_sigma_fraction, high, sigmas),  # (B,)
         drop_caption=torch.stack(uniforms) < caption_dropout,  # (B,)
     )
 
