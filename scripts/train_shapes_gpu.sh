@@ -15,8 +15,21 @@
 #   TAG=a scripts/train_shapes_gpu.sh stage1,stage2,bench &
 #   TAG=pe SET="model.dit.interpolation_scale=1.0 model.dit.sample_size=16" \
 #       scripts/train_shapes_gpu.sh stage1,stage2,bench     # the sincos-PE variant
-#   N256=200 N512=100 STEPS1=10 STEPS2=5 BENCH_ARGS="--images-per-prompt 1" \
+#   N256=200 N512=100 STEPS1=10 STEPS2=5 BATCH1=32 BATCH2=16 BENCH_ARGS="--images-per-prompt 1" \
 #       scripts/train_shapes_gpu.sh          # a rehearsal in a few minutes on a CPU
+#
+# The next GPU run (docs/shapes.md, sessions 10 and 11): the layout is learnt only from
+# samples at σ next to 1, so draw half of them there, on relation-heavy data with the relation
+# caption nearly always drawn. Stage 1 then sees ≈ 1.5·10⁵ relation captions at σ ≥ 0.95 (the
+# session-5 recipe saw under 10³). On the CPU the sin-cos PE model began to read the order
+# after ≈ 10⁵ such samples and the NoPE model had not after 5·10⁴, so train both side by side:
+#   SCENE_MIX=pair=0.55,mixed=0,relation=0.9 scripts/train_shapes_gpu.sh data
+#   L="objective.high_sigma_fraction=0.5 data.caption_temperature=0.02 checkpointing.every=500"
+#   SCENE_MIX=pair=0.55,mixed=0,relation=0.9 TAG=layout SET="$L" \
+#       scripts/train_shapes_gpu.sh stage1,stage2,bench &
+#   SCENE_MIX=pair=0.55,mixed=0,relation=0.9 TAG=layout-pe \
+#       SET="$L model.dit.interpolation_scale=1.0 model.dit.sample_size=16" \
+#       scripts/train_shapes_gpu.sh stage1,stage2,bench
 set -euo pipefail
 PHASES=${1:-all}
 FASTSANA=${FASTSANA:-fastsana}           # e.g. "python3 -m fastsana.cli" without an install
