@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from fastsana.checkpoints.common import atomic_write_json
 from fastsana.checkpoints.transformer import load_transformer
 from fastsana.pipeline import SanaPipeline
 from fastsana.runtime import configure_threads
@@ -262,7 +262,7 @@ def main() -> None:
             f"| {m['model']} | {m['loss']:.4f} | {m['order_gap']:.4f} | {m['order_accuracy']:.2f} |"
         )
     if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+        atomic_write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastsana.checkpoints.common import atomic_write_json
 from fastsana.checkpoints.transformer import load_transformer
 from fastsana.pipeline import SanaPipeline, default_model_path
 from fastsana.runtime import configure_threads
@@ -254,7 +255,7 @@ def main() -> None:
             print(f"| {sigma} | " + " | ".join(f"{c:.2f} / {r:.2f}" for c, r in layers) + " |")
     if args.out is not None:
         text = {"relation": relation, "side": side}
-        args.out.write_text(json.dumps({"blocks": results, "text": text}, indent=1))
+        atomic_write_json(args.out, {"blocks": results, "text": text})
 
 
 if __name__ == "__main__":

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from fastsana.checkpoints.common import atomic_write_json
 from fastsana.checkpoints.transformer import load_transformer
 from fastsana.pipeline import SanaPipeline, default_model_path
 from fastsana.runtime import configure_threads
@@ -194,17 +194,15 @@ def main() -> None:
             cells = " | ".join(f"{a:.2f}" for a in per_sigma)
             print(f"| {path} | {swap} | {cells} | **{overall:.2f}** |", flush=True)
     if args.out:
-        args.out.write_text(
-            json.dumps(
-                {
-                    "scenes": len(captions),
-                    "size": size,
-                    "seed": args.seed,
-                    "noises": args.noises,
-                    "results": results,
-                },
-                indent=2,
-            )
+        atomic_write_json(
+            args.out,
+            {
+                "scenes": len(captions),
+                "size": size,
+                "seed": args.seed,
+                "noises": args.noises,
+                "results": results,
+            },
         )
 
 
