@@ -18,7 +18,7 @@
 #   N256=200 N512=100 STEPS1=10 STEPS2=5 BATCH1=32 BATCH2=16 BENCH_ARGS="--images-per-prompt 1" \
 #       scripts/train_shapes_gpu.sh          # a rehearsal in a few minutes on a CPU
 #
-# The next GPU run (docs/shapes.md, sessions 10 and 11): the layout is learnt only from
+# The next GPU run (docs/shapes.md, sessions 10–12): the layout is learnt only from
 # samples at σ next to 1, so draw half of them there, on relation-heavy data with the
 # relation caption nearly always drawn. Stage 1 then sees ≈ 1.5·10⁵ relation captions at
 # σ ≥ 0.95 (the session-5 recipe saw under 10³). On the CPU, on the same data from the same
