@@ -22,8 +22,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fastsana.checkpoints.common import atomic_write_bytes, atomic_write_json
 from fastsana.models.text_encoder import TextEncoder
 from fastsana.shapes.grammar import parse_caption
+from fastsana.training.cache import INDEX_FILE, INFO_FILE
 from fastsana.training.components import NULL_CAPTION_FILE, save_null_caption
 
 
@@ -47,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.out.exists():
         parser.error(f"{args.out} exists; choose a new folder")
-    info = json.loads((args.source / "cache_info.json").read_text())
+    info = json.loads((args.source / INFO_FILE).read_text())
     encoder = None
     if args.echo is not None:
         encoder = TextEncoder.from_pretrained(
@@ -58,7 +60,7 @@ def main() -> None:
     os.symlink((args.source / "latents").resolve(), args.out / "latents")
     length = int(info["info"]["text_max_length"])
     kept = []
-    for line in (args.source / "index.jsonl").read_text().splitlines():
+    for line in (args.source / INDEX_FILE).read_text().splitlines():
         stem = json.loads(line)["stem"]
         source = args.source / "text" / f"{stem}.safetensors"
         found = relation_caption(source)
@@ -81,8 +83,10 @@ def main() -> None:
         shutil.copy(args.source / NULL_CAPTION_FILE, args.out / NULL_CAPTION_FILE)
     else:
         save_null_caption(args.out, *encoder.encode_negative([""], max_length=length, echo=True))
-    (args.out / "index.jsonl").write_text("\n".join(kept) + "\n")
-    (args.out / "cache_info.json").write_text(json.dumps(info, indent=2))
+    # cache_info.json last: without it the folder is not read as a cache, so a copy cut short
+    # is refused instead of read in part.
+    atomic_write_bytes(args.out / INDEX_FILE, ("\n".join(kept) + "\n").encode())
+    atomic_write_json(args.out / INFO_FILE, info)
     print(f"kept {len(kept)} of the cached scenes in {args.out}")
 
 
