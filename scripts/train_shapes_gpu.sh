@@ -26,7 +26,7 @@
 # at 4.8·10⁴, carried over to 512 px untrained) and the NoPE model had not after 6.4·10⁴
 # (docs/shapes.md, session 12): PE is the variant expected to pass; train both side by side.
 # The CPU route (session 13) is no substitute: under 4·10⁴ band captions and 300 steps at
-# 512 px only began the order and lost the objects (overall 0.59 on seed 0).
+# 512 px only began the order and lost the objects (ShapesBench 0.58, two seeds).
 #   SCENE_MIX=pair=0.55,mixed=0,relation=0.9 scripts/train_shapes_gpu.sh data
 #   L="objective.high_sigma_fraction=0.5 data.caption_temperature=0.02 checkpointing.every=500"
 #   SCENE_MIX=pair=0.55,mixed=0,relation=0.9 TAG=layout SET="$L" \
