@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from statistics import fmean as mean
 
 from fastsana.checkpoints.common import atomic_write_bytes, atomic_write_json
 from fastsana.pipeline import default_model_path
@@ -53,10 +54,6 @@ def mean_over_seeds(results: list[dict]) -> dict:
     """
     if not results:
         raise ValueError("need at least one result to average")
-
-    def mean(values: list[float]) -> float:
-        return sum(values) / len(values)
-
     return {
         "categories": {c: mean([r["categories"][c] for r in results]) for c in CATEGORIES},
         "held_out_categories": {
