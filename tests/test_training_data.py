@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from fastsana.resolution import bin_for
 from fastsana.training.buckets import BucketBatchSampler, bucket_batches, fit_to_bucket
-from fastsana.training.cache import CachedLatentDataset, CacheError, write_cache
+from fastsana.training.cache import CachedLatentDataset, CacheError, merge_caches, write_cache
 from fastsana.training.captions import Caption, CaptionSelection
 from fastsana.training.data import ImageFolderDataset, MetadataError, collate, read_metadata
 from fastsana.training.shards import ShardStream
@@ -452,3 +452,57 @@ def test_cache_writer_skips_unreadable_images(tmp_path):
     )
     assert (summary.written, summary.skipped) == (3, 1)
     assert len(CachedLatentDataset(tmp_path / "cache")) == 3
+
+
+def cache_of(folder, cache_dir, info=None):
+    write_cache(
+        folder,
+        cache_dir,
+        base_size=BASE,
+        encode_images=fake_encode_images,
+        encode_text=fake_encode_text,
+        info=info or {"autoencoder": "fake"},
+        progress=False,
+    )
+    (cache_dir / "null_caption.safetensors").write_bytes(b"same null caption")
+    return cache_dir
+
+
+def test_merged_cache_reads_every_source_image_under_its_own_stem(tmp_path):
+    # Both folders name their images img0.png, img1.png, ...: the merge must keep them apart.
+    first = cache_of(make_folder(tmp_path / "a", sizes=SIZES[:3]), tmp_path / "ca")
+    second = cache_of(make_folder(tmp_path / "b", sizes=SIZES[3:7]), tmp_path / "cb")
+    count = merge_caches(tmp_path / "merged", [first, second])
+    merged = CachedLatentDataset(tmp_path / "merged")
+    sources = [CachedLatentDataset(first), CachedLatentDataset(second)]
+    assert count == len(merged) == 7
+    assert merged.info == sources[0].info
+    assert (tmp_path / "merged" / "null_caption.safetensors").read_bytes() == b"same null caption"
+    pairs = [(reader, i) for reader in sources for i in range(len(reader))]
+    for index, (reader, i) in enumerate(pairs):
+        got, want = merged[index], reader[i]
+        assert got["key"] == want["key"]
+        torch.testing.assert_close(got["latents"], want["latents"])
+        assert merged.bucket_ids[index] == reader.bucket_ids[i]
+        emb, mask = fake_encode_text([got["caption"]])
+        torch.testing.assert_close(got["text_embeds"], emb[0] * mask[0, :, None])
+    # The two sources hold different images under the same names.
+    assert not torch.equal(merged[0]["latents"], merged[3]["latents"])
+
+
+def test_merge_refuses_mismatched_caches_and_existing_folders(tmp_path):
+    first = cache_of(make_folder(tmp_path / "a", sizes=SIZES[:2]), tmp_path / "ca")
+    other = cache_of(make_folder(tmp_path / "b", sizes=SIZES[:2]), tmp_path / "cb", {"x": 1})
+    with pytest.raises(CacheError, match="other settings"):
+        merge_caches(tmp_path / "m1", [first, other])
+    assert not (tmp_path / "m1" / "cache_info.json").exists()
+    third = cache_of(make_folder(tmp_path / "c", sizes=SIZES[:2]), tmp_path / "cc")
+    (third / "null_caption.safetensors").write_bytes(b"another text encoder")
+    with pytest.raises(CacheError, match=r"null_caption\.safetensors is missing or differs"):
+        merge_caches(tmp_path / "m2", [first, third])
+    with pytest.raises(CacheError, match="exists"):
+        merge_caches(tmp_path / "a", [first])
+    with pytest.raises(CacheError, match="at least one"):
+        merge_caches(tmp_path / "m3", [])
+    with pytest.raises(CacheError, match="not a cache"):
+        merge_caches(tmp_path / "m4", [first, tmp_path / "a"])

@@ -324,3 +324,53 @@ def _pad_rows(tensor: torch.Tensor, length: int) -> torch.Tensor:
     padded = tensor.new_zeros((length, *tensor.shape[1:]))
     padded[: len(tensor)] = tensor
     return padded
+
+
+def merge_caches(out_dir: str | os.PathLike[str], sources: list[str | os.PathLike[str]]) -> int:
+    """Join finished caches into one at ``out_dir`` without copying their tensors; returns
+    the number of images.
+
+    Source ``k``'s ``latents/`` and ``text/`` become symbolic links ``latents/part{k}`` and
+    ``text/part{k}``, so its stem ``s`` is ``part{k}/s`` in the merged index (stems from
+    different sources cannot collide). The sources must have been cached with the same
+    settings (equal ``cache_info.json``) and hold the same other files (e.g. the null
+    caption), which are copied. The sources must stay where they are.
+    """
+    out = Path(out_dir)
+    if not sources:
+        raise CacheError("merge_caches needs at least one source cache")
+    if out.exists():
+        raise CacheError(f"{out} exists; merge into a new folder")
+    roots = [Path(s).resolve() for s in sources]
+    readers = [CachedLatentDataset(root) for root in roots]  # checks format and index
+    for root, reader in zip(roots[1:], readers[1:], strict=True):
+        if reader.info != readers[0].info:
+            raise CacheError(
+                f"{root} was cached with other settings than {roots[0]}: "
+                f"{reader.info} != {readers[0].info}"
+            )
+    reserved = {INFO_FILE, INDEX_FILE}
+    extras = {
+        p.name: p.read_bytes()
+        for p in sorted(roots[0].iterdir())
+        if p.is_file() and p.name not in reserved
+    }
+    for root in roots[1:]:
+        for name, data in extras.items():
+            if not (root / name).is_file() or (root / name).read_bytes() != data:
+                raise CacheError(f"{root / name} is missing or differs from {roots[0] / name}")
+    for sub in (LATENT_DIR, TEXT_DIR):
+        (out / sub).mkdir(parents=True)
+        for k, root in enumerate(roots):
+            (out / sub / f"part{k}").symlink_to(root / sub, target_is_directory=True)
+    for name, data in extras.items():
+        atomic_write_bytes(out / name, data)
+    lines = [
+        json.dumps({**entry, "stem": f"part{k}/{entry['stem']}"})
+        for k, reader in enumerate(readers)
+        for entry in reader.entries
+    ]
+    # cache_info.json last: a merge cut short is not read as a cache.
+    atomic_write_bytes(out / INDEX_FILE, ("\n".join(lines) + "\n").encode())
+    atomic_write_json(out / INFO_FILE, readers[0].info)
+    return len(lines)
