@@ -13,33 +13,30 @@
 #
 #   scripts/train_shapes_gpu.sh data                        # then, side by side:
 #   TAG=a scripts/train_shapes_gpu.sh stage1,stage2,bench &
-#   TAG=pe SET="model.dit.interpolation_scale=1.0 model.dit.sample_size=16" \
-#       scripts/train_shapes_gpu.sh stage1,stage2,bench     # the sincos-PE variant
+#   TAG=b SET="objective.high_sigma_fraction=0.3" scripts/train_shapes_gpu.sh stage1,stage2,bench
 #   N256=200 N512=100 STEPS1=10 STEPS2=5 BATCH1=32 BATCH2=16 BENCH_ARGS="--images-per-prompt 1" \
 #       scripts/train_shapes_gpu.sh          # a rehearsal in a few minutes on a CPU
 #
-# The next GPU run (docs/shapes.md, sessions 10–12): the layout is learnt only from
-# samples at σ next to 1, so draw half of them there, on relation-heavy data with the
-# relation caption nearly always drawn. Stage 1 then sees ≈ 1.5·10⁵ relation captions at
-# σ ≥ 0.95 (the session-5 recipe saw under 10³). On the CPU, on the same data from the same
-# weights, the sin-cos PE model read the order after 3.2·10⁴ such samples (order accuracy 0.73
-# at 4.8·10⁴, carried over to 512 px untrained) and the NoPE model had not after 6.4·10⁴
-# (docs/shapes.md, session 12): PE is the variant expected to pass; train both side by side.
-# The CPU route (session 13) is no substitute: under 4·10⁴ band captions and 300 steps at
-# 512 px only began the order and lost the objects (ShapesBench 0.58, two seeds).
-#   SCENE_MIX=pair=0.55,mixed=0,relation=0.9 scripts/train_shapes_gpu.sh data
-#   L="objective.high_sigma_fraction=0.5 data.caption_temperature=0.02 checkpointing.every=500"
-#   SCENE_MIX=pair=0.55,mixed=0,relation=0.9 TAG=layout SET="$L" \
-#       scripts/train_shapes_gpu.sh stage1,stage2,bench &
-#   SCENE_MIX=pair=0.55,mixed=0,relation=0.9 TAG=layout-pe \
-#       SET="$L model.dit.interpolation_scale=1.0 model.dit.sample_size=16" \
-#       scripts/train_shapes_gpu.sh stage1,stage2,bench
+# Both stage configs keep the sin-cos PE on (interpolation_scale 1.0, base grid 16): the
+# shipped model has had it since session 18, after CPU stages that taught it the relation
+# order (docs/shapes.md, sessions 12-17). The layout is learnt only from samples at σ next to 1, so
+# the next GPU run should draw many there on relation-rich data with the relation caption
+# nearly always drawn: stage 1 then sees ≈ 10⁵ relation captions at σ ≥ 0.95 (the CPU
+# stages saw a few 10⁴). Keep the default scene kinds in the mix: on the CPU, data that was
+# nearly all relation pairs lost the object rendering (sessions 13-15) and the default mix
+# brought it back (sessions 16-17).
+#   SCENE_MIX=pair=0.45,mixed=0.1,relation=0.8 scripts/train_shapes_gpu.sh data
+#   L="data.caption_temperature=0.02 checkpointing.every=500"
+#   SCENE_MIX=pair=0.45,mixed=0.1,relation=0.8 TAG=layout-30 \
+#       SET="$L objective.high_sigma_fraction=0.3" scripts/train_shapes_gpu.sh stage1,stage2,bench &
+#   SCENE_MIX=pair=0.45,mixed=0.1,relation=0.8 TAG=layout-50 \
+#       SET="$L objective.high_sigma_fraction=0.5" scripts/train_shapes_gpu.sh stage1,stage2,bench
 set -euo pipefail
 PHASES=${1:-all}
 FASTSANA=${FASTSANA:-fastsana}           # e.g. "python3 -m fastsana.cli" without an install
 TAG=${TAG:-gpu}                          # runs/$TAG-stage1, runs/$TAG-stage2, out/$TAG-bench
 SET=${SET:-}                             # extra "key=value" overrides for both stages
-# Defaults: the session-5 recipe of the shipped model (docs/shapes.md, "GPU training");
+# Defaults: the session-5 GPU recipe (docs/shapes.md, "GPU continuation (session 5)");
 # session 4 used N256=30000 SEED256=10 SEED512=11 STEPS1=4000 BATCH1=128 STEPS2=800 BATCH2=64.
 N256=${N256:-40000}                      # stage-1 scenes (the CPU run had 5,000)
 N512=${N512:-20000}                      # stage-2 scenes (the CPU run had 800)

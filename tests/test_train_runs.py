@@ -2,6 +2,7 @@
 read from a `fastsana cache`, validation grids and exports load back, corrupt images are
 skipped, LoRA merges exactly, the autoencoder trains, WebDataset shards stream."""
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -243,6 +244,27 @@ def test_sampling_overrides_are_checked():
         build_transformer(ModelConfig(preset="sana-tiny", sampling={"instruction": False}), 0)
     with pytest.raises(ConfigError, match=r"unknown key 'model\.sampling\.cfg'"):
         ModelConfig(preset="sana-tiny", sampling={"cfg": 2})
+
+
+@pytest.mark.parametrize("weights_pe", [True, False])
+def test_turning_the_positional_embedding_on_or_off_is_logged(tmp_path, caplog, weights_pe):
+    """The PE changes no weight shape, so a preset that differs from the weights in having one
+    loads cleanly and would silently change the model; the trainer says so."""
+    tiny = DIT_PRESETS["sana-tiny"].config
+    pe = {"interpolation_scale": 1.0}
+    source = dataclasses.replace(tiny, **(pe if weights_pe else {}))
+    save_transformer(SanaTransformer(source), tmp_path / "weights")
+    caplog.set_level(logging.WARNING, logger="fastsana.training.model_setup")
+    for dit, warned in (({} if weights_pe else pe, True), (pe if weights_pe else {}, False)):
+        caplog.clear()
+        model = ModelConfig(preset="sana-tiny", dit=dit, init_from=str(tmp_path / "weights"))
+        built, _ = build_transformer(model, 0)
+        assert (built.config.interpolation_scale is not None) == bool(dit)
+        messages = [r.getMessage() for r in caplog.records]
+        assert bool(messages) == warned, messages
+        if warned:
+            kind = "with" if weights_pe else "without"
+            assert f"was trained {kind} a positional embedding" in messages[0]
 
 
 def test_corrupt_images_are_skipped_and_counted(world, tmp_path):

@@ -19,6 +19,7 @@ not change the weights' shapes (``sample_size``, ``interpolation_scale`` for 2K/
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import torch
@@ -44,6 +45,8 @@ from fastsana.training.checkpointing import (
 )
 from fastsana.training.config import ModelConfig
 from fastsana.training.config_parse import ConfigError, convert_fields
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_FLOW_SHIFT = 3.0  # SANA's training and sampling shift for its released models
 
@@ -118,10 +121,30 @@ def build_transformer(model: ModelConfig, seed: int) -> tuple[SanaTransformer, S
         state, base = loaded.state_dict(), loaded.config
     if config is None:
         config = dataclasses.replace(base, **convert_fields(DiTConfig, model.dit, "model.dit"))
+    _warn_if_pe_changes(base, config, path)
     with torch.device("meta"):
         transformer = SanaTransformer(config)
     load_state_dict_into(transformer, state, f"model.init_from {path}", torch.float32, "cpu")
     return transformer, sampling
+
+
+def _warn_if_pe_changes(weights: DiTConfig, config: DiTConfig, path: Path) -> None:
+    """Turning the positional embedding on or off leaves the weights' shapes alone, so a
+    preset without one silently drops a model's PE; say so (it may be meant: session 12)."""
+    had, has = weights.interpolation_scale is not None, config.interpolation_scale is not None
+    if had != has:
+        logger.warning(
+            "model.init_from %s was trained %s a positional embedding, but the DiT built from "
+            "model.preset/model.dit has %s (model.dit.interpolation_scale=%s); set "
+            "model.dit.interpolation_scale%s to keep the weights' behaviour",
+            path,
+            "with" if had else "without",
+            "one" if has else "none",
+            config.interpolation_scale,
+            f"={weights.interpolation_scale} and model.dit.sample_size={weights.sample_size}"
+            if had
+            else ": null",
+        )
 
 
 def ae_config_for(model: ModelConfig, base: AutoencoderConfig | None = None) -> AutoencoderConfig:
