@@ -19,7 +19,7 @@
 #
 # Both stage configs keep the sin-cos PE on (interpolation_scale 1.0, base grid 16): the
 # shipped model has had it since session 18, after CPU stages that taught it the relation
-# order (docs/shapes.md, sessions 12-17). The layout is learnt only from samples at σ next to 1, so
+# order (docs/shapes.md, sessions 12-18). The layout is learnt only from samples at σ next to 1, so
 # the next GPU run should draw many there on relation-rich data with the relation caption
 # nearly always drawn: stage 1 then sees ≈ 10⁵ relation captions at σ ≥ 0.95 (the CPU
 # stages saw a few 10⁴). Keep the default scene kinds in the mix: on the CPU, data that was
