@@ -159,6 +159,26 @@ def add_shapes_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
         help="token-recall heads during training (0: a pure language model)",
     )
     text.add_argument(
+        "--relation-recall",
+        action="store_true",
+        help="also train a head that reads the relation said so far from every token, so the "
+        "second object's words carry its side of the image (docs/shapes.md, session 20)",
+    )
+    text.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="continue the encoder of this pipeline folder (its size replaces --hidden/--layers)",
+    )
+    text.add_argument(
+        "--anchor-weight",
+        type=float,
+        default=3.0,
+        help="with --init-from: weight of the loss that keeps the features near the starting "
+        "encoder's, so a DiT trained on them still reads them (0: none; default 3)",
+    )
+    text.add_argument(
         "--threads",
         type=_positive_int,
         default=1,
@@ -247,6 +267,9 @@ def _text_encoder_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         recall_window=args.recall_window,
+        relation_recall=args.relation_recall,
+        init_from=args.init_from,
+        anchor_weight=args.anchor_weight,
         threads=args.threads,
     )
     before, after = summary["before"], summary["after"]
@@ -256,6 +279,8 @@ def _text_encoder_command(args: argparse.Namespace) -> int:
         f"({summary['steps_per_second']:.2f} steps/s)"
     )
     print(f"final training loss {summary['final_loss']:.4f}")
+    if summary["feature_cosine_to_start"] is not None:
+        print(f"mean feature cosine to the starting encoder {summary['feature_cosine_to_start']}")
     for name in after:
         print(f"  {name:<20} {before[name]:>9.4f} -> {after[name]:.4f}")
     for name, size in summary["files"].items():

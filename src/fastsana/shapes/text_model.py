@@ -10,9 +10,11 @@ the default model gets its own, trained from scratch:
 - ``build_text_model``: the Gemma-2 architecture (``Gemma2ForCausalLM``) at 128 wide and 2
   layers, about half a million parameters, tied input/output embeddings.
 - ``train_text_model``: next-token language modelling on captions drawn from the grammar on
-  the fly, plus token recall (``RECALL_WINDOW``). Half of every batch is preceded by the CHI, as
-  ``TextEncoder.encode`` feeds prompts, so the instruction is in-distribution context; only
-  caption tokens (and the end) are targets.
+  the fly, plus token recall (``RECALL_WINDOW``) and, on request, relation recall
+  (``relation_labels``). Half of every batch is preceded by the CHI, as ``TextEncoder.encode``
+  feeds prompts, so the instruction is in-distribution context; only caption tokens (and the
+  end) are targets. It can also continue an existing encoder (``init_from``), held near its
+  old features by an anchor loss so that a DiT trained on them still reads the new ones.
 - ``evaluate_text_model``: facts a working LM and a usable encoder must show
   (``TextModelReport``).
 - ``make_text_encoder``: all of it, saved as a pipeline's ``text_encoder/`` and ``tokenizer/``.
@@ -25,6 +27,7 @@ binding — and the CHI in front gives even the first prompt word some context.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -63,6 +66,16 @@ IGNORE_INDEX = -100  # target value that the loss skips (instruction and padding
 # tokens span a mention ("three red circles"), so the state at a noun keeps its count and
 # colour. The heads are dropped after training; the encoder is a plain Gemma-2 decoder.
 RECALL_WINDOW = 3
+
+# Relation recall: a training-only head reads, from each caption token's final state, the
+# relation said so far (none, or one of RELATION_PHRASES). The LM objective gives no reason to
+# carry it: what follows "to the left of a" is what follows "to the right of a", and the
+# three-token window has passed the relation word by the second object's colour. Measured on
+# the encoder trained without it (session 20): at the second object's noun, the features of
+# "... to the left of a blue square" and "... to the right of a blue square" are equal to three
+# decimals, so no DiT can read which side that object is on; "above"/"below", one word before
+# the object, survive. With the head, the second object's noun carries its side.
+NO_RELATION = 0  # label before any relation word; relation k of RELATION_PHRASES is k + 1
 
 # Separate random streams for training and evaluation captions, whatever the seed.
 TRAIN_STREAM = 0
@@ -176,6 +189,31 @@ def build_text_model(
     return model
 
 
+def load_text_model(
+    folder: str | os.PathLike[str],
+) -> tuple[Gemma2ForCausalLM, PreTrainedTokenizerFast]:
+    """A saved encoder (``folder/text_encoder`` and ``folder/tokenizer``, as
+    ``make_text_encoder`` and pipeline folders hold them) as a trainable float32 causal LM; the
+    LM head is the tied embedding, so no weights are missing. The tokenizer must be this
+    module's (``build_tokenizer``)."""
+    root = Path(folder)
+    for sub in ("text_encoder", "tokenizer"):
+        if not (root / sub).is_dir():
+            raise FileNotFoundError(f"{root} has no {sub}/ folder (expected a pipeline folder)")
+    encoder = TextEncoder.from_pretrained(
+        root / "text_encoder", root / "tokenizer", dtype=torch.float32, device="cpu"
+    )
+    if encoder.tokenizer.get_vocab() != build_tokenizer().get_vocab():
+        raise ValueError(f"{root / 'tokenizer'} is not the Shapes tokenizer (build_tokenizer)")
+    config = encoder.model.config
+    if not isinstance(config, Gemma2Config) or not config.tie_word_embeddings:
+        raise ValueError(f"{root / 'text_encoder'} is not a Gemma-2 decoder with tied embeddings")
+    model = Gemma2ForCausalLM(config)
+    model.model.load_state_dict(encoder.model.state_dict())
+    model.tie_weights()
+    return model.eval(), encoder.tokenizer
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters (a tied embedding counted once)."""
     return sum(p.numel() for p in model.parameters())
@@ -275,6 +313,31 @@ def lm_logits(model: Gemma2ForCausalLM, states: Tensor) -> Tensor:
     return logits if cap is None else cap * torch.tanh(logits / cap)  # (..., V)
 
 
+def relation_word_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """Token id of the word that names each relation of ``RELATION_PHRASES``, in its order:
+    the one word of the phrase that no other phrase has ("left", "right", "above", "below")."""
+    phrases = [phrase.split() for phrase in RELATION_PHRASES.values()]
+    ids = []
+    for words in phrases:
+        own = [w for w in words if sum(w in other for other in phrases) == 1]
+        if len(own) != 1:
+            raise ValueError(f"relation phrase {' '.join(words)!r} has no single word of its own")
+        ids.append(tokenizer.convert_tokens_to_ids(own[0]))
+    return ids
+
+
+def relation_labels(ids: Tensor, word_ids: Sequence[int]) -> Tensor:
+    """(B, T) label of each position of ``ids`` (B, T): ``NO_RELATION`` until a relation word,
+    then k + 1 for relation k of ``word_ids`` from that word on (the latest one wins)."""
+    labels = torch.full_like(ids, NO_RELATION)
+    current = torch.full_like(ids[:, 0], NO_RELATION)  # (B,)
+    for t in range(ids.shape[1]):
+        for k, word in enumerate(word_ids):
+            current = torch.where(ids[:, t] == word, k + 1, current)
+        labels[:, t] = current
+    return labels
+
+
 def _recall_heads(hidden_size: int, vocab_size: int, window: int, seed: int) -> nn.ModuleList:
     """Training-only linear heads: head ``d`` reads token ``p - d`` from the state at ``p``."""
     # Init like the LM's own linear layers (normal, std 0.02): small logits, so the recall loss
@@ -287,22 +350,44 @@ def _recall_heads(hidden_size: int, vocab_size: int, window: int, seed: int) -> 
     return heads
 
 
+@dataclass
+class _Objective:
+    """The training-only parts of the loss: recall heads, the relation head, the anchor."""
+
+    heads: nn.ModuleList
+    relation_head: nn.Linear | None = None
+    relation_ids: Sequence[int] = ()
+    anchor: Gemma2ForCausalLM | None = None
+
+
 def _loss_sums(
-    model: Gemma2ForCausalLM, heads: nn.ModuleList, batch: LMBatch
-) -> tuple[Tensor, int, Tensor, int]:
-    """(next-token loss sum, its count, recall loss sum, its count) over ``batch``."""
+    model: Gemma2ForCausalLM, objective: _Objective, batch: LMBatch
+) -> dict[str, tuple[Tensor, int]]:
+    """{loss name: (sum over ``batch``, count)} for "lm" (next token), "recall" and, when the
+    objective has them, "relation" (cross-entropy) and "anchor" (squared distance per feature
+    to the anchor model's states)."""
     states = final_states(model, batch)  # (B, T, D)
-    seen = batch.targets != IGNORE_INDEX  # (B, T)
+    seen = batch.targets != IGNORE_INDEX  # (B, T): the positions the DiT reads
     logits = lm_logits(model, states[seen])  # (N, V)
-    lm = F.cross_entropy(logits, batch.targets[seen], reduction="sum")
+    sums = {"lm": (F.cross_entropy(logits, batch.targets[seen], reduction="sum"), int(seen.sum()))}
     recall, n_recall = states.new_zeros(()), 0
-    for d, head in enumerate(heads):
+    for d, head in enumerate(objective.heads):
         # Token p - d at positions p >= d (earlier prefix tokens are not in ids).
         where = seen[:, d:]  # (B, T - d)
         earlier = batch.ids[:, : batch.ids.shape[1] - d][where]  # (M,)
         recall = recall + F.cross_entropy(head(states[:, d:][where]), earlier, reduction="sum")
         n_recall += int(where.sum())
-    return lm, int(seen.sum()), recall, n_recall
+    sums["recall"] = (recall, n_recall)
+    if objective.relation_head is not None:
+        labels = relation_labels(batch.ids, objective.relation_ids)[seen]  # (N,)
+        relation = F.cross_entropy(objective.relation_head(states[seen]), labels, reduction="sum")
+        sums["relation"] = (relation, int(seen.sum()))
+    if objective.anchor is not None:
+        with torch.no_grad():
+            target = final_states(objective.anchor, batch)[seen]  # (N, D)
+        squared = (states[seen] - target).pow(2).sum()
+        sums["anchor"] = (squared, int(seen.sum()) * states.shape[-1])
+    return sums
 
 
 def _warmup_cosine(steps: int, warmup: int) -> Callable[[int], float]:
@@ -324,6 +409,9 @@ def train_text_model(
     lr: float = 3e-3,
     seed: int = 0,
     recall_window: int = RECALL_WINDOW,
+    relation_recall: bool = False,
+    anchor: Gemma2ForCausalLM | None = None,
+    anchor_weight: float = 1.0,
     progress: bool = True,
 ) -> list[float]:
     """Train ``model`` in place on Shapes captions; returns the next-token loss of each step.
@@ -331,8 +419,12 @@ def train_text_model(
     Each step draws ``batch_size`` fresh captions from ``caption_stream(seed)``; the first half
     follow the CHI, the rest stand alone. The loss is the mean next-token cross-entropy over
     caption tokens and ``<eos>``, plus the mean cross-entropy of ``recall_window`` token-recall
-    heads (0 trains a pure LM; see ``RECALL_WINDOW``). AdamW, linear warm-up over 5% of the
-    steps, cosine decay to 10% of ``lr``, gradients clipped at norm 1. Left in eval mode.
+    heads (0 trains a pure LM; see ``RECALL_WINDOW``), plus, with ``relation_recall``, that of
+    a head reading the relation said so far (see ``NO_RELATION``), plus, with an ``anchor``
+    model (frozen; usually a copy of ``model`` before training), ``anchor_weight`` times the
+    mean squared difference between the two models' final states at the tokens the DiT reads.
+    AdamW, linear warm-up over 5% of the steps, cosine decay to 10% of ``lr``, gradients
+    clipped at norm 1. Left in eval mode.
     """
     for name, value, low in (
         ("steps", steps, 1),
@@ -344,9 +436,26 @@ def train_text_model(
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if isinstance(lr, bool) or not isinstance(lr, float | int) or not 0.0 < lr < 1.0:
         raise ValueError(f"lr must be a learning rate in (0, 1), got {lr!r}")
+    if isinstance(anchor_weight, bool) or not isinstance(anchor_weight, float | int):
+        raise ValueError(f"anchor_weight must be a number >= 0, got {anchor_weight!r}")
+    if anchor_weight < 0:
+        raise ValueError(f"anchor_weight must be >= 0, got {anchor_weight!r}")
     _check_pair(model, tokenizer)
     config = model.config
     heads = _recall_heads(config.hidden_size, config.vocab_size, recall_window, seed)
+    objective = _Objective(heads)
+    if relation_recall:
+        objective.relation_ids = relation_word_ids(tokenizer)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            head = nn.Linear(config.hidden_size, len(RELATION_PHRASES) + 1)
+            nn.init.normal_(head.weight, std=0.02)  # as the recall heads: starts near log(5)
+            nn.init.zeros_(head.bias)
+        objective.relation_head = head
+        heads = nn.ModuleList([*heads, head])  # every trained head, for the optimiser
+    if anchor is not None:
+        _check_pair(anchor, tokenizer)
+        objective.anchor = anchor.eval().requires_grad_(False)
     parameters = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -360,19 +469,22 @@ def train_text_model(
     for _ in bar:
         texts = [next(captions) for _ in range(batch_size)]
         half = batch_size // 2
-        sums = [
-            _loss_sums(model, heads, make_lm_batch(tokenizer, texts[:half], instruction)),
-            _loss_sums(model, heads, make_lm_batch(tokenizer, texts[half:], None)),
+        parts = [
+            _loss_sums(model, objective, make_lm_batch(tokenizer, texts[:half], instruction)),
+            _loss_sums(model, objective, make_lm_batch(tokenizer, texts[half:], None)),
         ]
-        lm = sum(s[0] for s in sums) / sum(s[1] for s in sums)
-        recall = sum(s[2] for s in sums) / max(1, sum(s[3] for s in sums))
+        means = {
+            name: sum(p[name][0] for p in parts) / max(1, sum(p[name][1] for p in parts))
+            for name in parts[0]
+        }
+        total = sum((anchor_weight if name == "anchor" else 1.0) * v for name, v in means.items())
         optimizer.zero_grad(set_to_none=True)
-        (lm + recall).backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(lm.item())
-        bar.set_postfix(lm=f"{lm.item():.3f}", recall=f"{recall.item():.3f}")
+        losses.append(means["lm"].item())
+        bar.set_postfix({name: f"{value.item():.3f}" for name, value in means.items()})
     model.eval()
     return losses
 
@@ -405,6 +517,10 @@ class TextModelReport:
       colour centroid of the other three shapes' prompts (chance: 1/8).
     - ``max_cosine``: the largest cosine similarity between those features for "a red circle",
       "a blue circle" and "a red square".
+    - ``relation_probe``: on the encoder's features (no CHI) of the last token of
+      "a C1 S1 <relation> a C2 S2", the fraction of held-out prompts whose relation is the
+      nearest relation centroid of the other prompts (chance 1/4). The second object's side of
+      the image is known exactly when its relation is: this is what a DiT needs there.
     """
 
     loss: float
@@ -415,6 +531,7 @@ class TextModelReport:
     fresh_probability: float
     colour_probe: float
     max_cosine: float
+    relation_probe: float
 
     def to_dict(self) -> dict[str, float]:
         return {name: round(value, 5) for name, value in vars(self).items()}
@@ -462,6 +579,7 @@ def evaluate_text_model(
         fresh_probability=fresh,
         colour_probe=probe,
         max_cosine=max_cosine,
+        relation_probe=_relation_probe(model, tokenizer),
     )
 
 
@@ -509,6 +627,43 @@ def _feature_checks(
     return correct / len(prompts), float(cosines[~torch.eye(3, dtype=torch.bool)].max())
 
 
+@torch.no_grad()
+def feature_cosine(
+    a: Gemma2ForCausalLM, b: Gemma2ForCausalLM, tokenizer: PreTrainedTokenizerFast
+) -> float:
+    """Mean cosine similarity between two encoders' features (CHI on) over the tokens of 256
+    fresh captions: how far a continued encoder has moved from where it started."""
+    stream = caption_stream(EVAL_SEED, EVAL_STREAM)
+    captions = [next(stream) for _ in range(256)]
+    first, mask = TextEncoder(a, tokenizer).encode(captions, max_length=32)  # (B, L, D)
+    second, _ = TextEncoder(b, tokenizer).encode(captions, max_length=32)  # (B, L, D)
+    real = mask.bool()  # (B, L)
+    return round(float(F.cosine_similarity(first[real], second[real], dim=-1).mean()), 5)
+
+
+def _relation_probe(model: Gemma2ForCausalLM, tokenizer: PreTrainedTokenizerFast) -> float:
+    """Nearest-centroid accuracy of the relation from the last-token features of two-object
+    relation prompts: centroids from the even-numbered prompts, scored on the odd ones."""
+    encoder = TextEncoder(model, tokenizer)
+    pairs = allowed_pairs(include_held_out=False)
+    prompts, labels = [], []
+    for k, phrase in enumerate(RELATION_PHRASES.values()):
+        for shift in (3, 7, 11, 17):  # about 20 prompts of two different shapes per shift
+            for first, second in zip(pairs, pairs[shift:] + pairs[:shift], strict=True):
+                if first[1] == second[1]:
+                    continue
+                prompts.append(f"a {first[0]} {first[1]} {phrase} a {second[0]} {second[1]}")
+                labels.append(k)
+    # No CHI: the default model encodes its prompts bare (model_index.json).
+    features, mask = encoder.encode(prompts, instruction=None, max_length=12)  # (B, 12, D)
+    last = features[torch.arange(len(prompts)), mask.sum(1) - 1]  # (B, D)
+    labels_t = torch.tensor(labels)
+    fit = torch.arange(len(prompts)) % 2 == 0
+    centroids = torch.stack([last[fit & (labels_t == k)].mean(0) for k in range(4)])  # (4, D)
+    nearest = torch.cdist(last[~fit], centroids).argmin(-1)  # (B / 2,)
+    return float((nearest == labels_t[~fit]).float().mean())
+
+
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run the block with ``n`` intra-op torch threads, then restore the previous count.
@@ -537,6 +692,9 @@ def make_text_encoder(
     batch_size: int = 64,
     lr: float = 3e-3,
     recall_window: int = RECALL_WINDOW,
+    relation_recall: bool = False,
+    init_from: str | os.PathLike[str] | None = None,
+    anchor_weight: float = 3.0,
     threads: int = 1,
     progress: bool = True,
 ) -> dict:
@@ -547,10 +705,21 @@ def make_text_encoder(
     (settings, losses, reports before and after training, timing, file sizes) as
     ``out_dir/text_encoder_training.json``. Runs with ``threads`` torch threads (see
     ``torch_threads``).
+
+    ``init_from``: continue a saved encoder (``load_text_model``; its size replaces
+    ``hidden_size`` and ``layers``) instead of a new one, held near its starting features by an
+    anchor loss of weight ``anchor_weight`` (0: none), so that a DiT trained on the old features
+    can be continued on the new ones. ``relation_recall``: see ``NO_RELATION``.
     """
     out = Path(out_dir)
-    tokenizer = build_tokenizer()
-    model = build_text_model(len(tokenizer), hidden_size=hidden_size, layers=layers, seed=seed)
+    anchor = None
+    if init_from is None:
+        tokenizer = build_tokenizer()
+        model = build_text_model(len(tokenizer), hidden_size=hidden_size, layers=layers, seed=seed)
+    else:
+        model, tokenizer = load_text_model(init_from)
+        hidden_size, layers = model.config.hidden_size, model.config.num_hidden_layers
+        anchor = copy.deepcopy(model) if anchor_weight > 0 else None
     with torch_threads(threads):
         before = evaluate_text_model(model, tokenizer)
         start = time.perf_counter()
@@ -562,10 +731,14 @@ def make_text_encoder(
             lr=lr,
             seed=seed,
             recall_window=recall_window,
+            relation_recall=relation_recall,
+            anchor=anchor,
+            anchor_weight=anchor_weight,
             progress=progress,
         )
         seconds = time.perf_counter() - start
         after = evaluate_text_model(model, tokenizer)
+        drift = None if anchor is None else feature_cosine(anchor, model, tokenizer)
     TextEncoder(model, tokenizer).save_pretrained(
         out / "text_encoder", out / "tokenizer", dtype=torch.float16
     )
@@ -583,6 +756,9 @@ def make_text_encoder(
             "batch_size": batch_size,
             "lr": lr,
             "recall_window": recall_window,
+            "relation_recall": relation_recall,
+            "init_from": None if init_from is None else str(Path(init_from).resolve()),
+            "anchor_weight": anchor_weight if anchor is not None else 0.0,
             "threads": threads,
         },
         "vocab_size": len(tokenizer),
@@ -593,6 +769,7 @@ def make_text_encoder(
         "final_loss": round(float(np.mean(losses[-max(1, steps // 20) :])), 5),
         "before": before.to_dict(),
         "after": after.to_dict(),
+        "feature_cosine_to_start": drift,
         "files": files,
         "losses": [round(loss, 5) for loss in losses],
     }
