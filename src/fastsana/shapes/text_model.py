@@ -411,7 +411,7 @@ def train_text_model(
     recall_window: int = RECALL_WINDOW,
     relation_recall: bool = False,
     anchor: Gemma2ForCausalLM | None = None,
-    anchor_weight: float = 1.0,
+    anchor_weight: float = 3.0,
     progress: bool = True,
 ) -> list[float]:
     """Train ``model`` in place on Shapes captions; returns the next-token loss of each step.
