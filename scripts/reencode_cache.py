@@ -19,12 +19,19 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from fastsana.checkpoints.common import atomic_write, atomic_write_bytes, atomic_write_json
+from fastsana.checkpoints.common import atomic_write_bytes, atomic_write_json
 from fastsana.models.text_encoder import DEFAULT_INSTRUCTION, TextEncoder
-from fastsana.training.cache import INDEX_FILE, INFO_FILE, LATENT_DIR, TEXT_DIR
+from fastsana.training.cache import (
+    INDEX_FILE,
+    INFO_FILE,
+    LATENT_DIR,
+    TEXT_DIR,
+    caption_tensors,
+    save_tensors,
+    text_path,
+)
 from fastsana.training.components import encode_null_caption, save_null_caption
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,25 +78,21 @@ def main() -> None:
         batch = stems[start : start + args.batch_size]
         metas = []
         for stem in batch:
-            with safe_open(str(args.source / TEXT_DIR / f"{stem}.safetensors"), "pt") as f:
+            with safe_open(str(text_path(args.source, stem)), "pt") as f:
                 metas.append(f.metadata())
         texts = [c["text"] for meta in metas for c in json.loads(meta["captions"])]
         with torch.no_grad():
             emb, mask = encoder.encode(
                 texts, instruction=instruction, max_length=length, echo=echo
             )  # (N, L, D), (N, L)
+        emb = emb.to(dtype)
         row = 0
         for stem, meta in zip(batch, metas, strict=True):
-            tensors = {}
-            for i in range(len(json.loads(meta["captions"]))):
-                n = int(mask[row].sum())  # right padding: the first n tokens are real
-                # clone: a view would make safetensors save the whole batch's storage.
-                tensors[f"emb_{i}"] = emb[row, :n].to(dtype).clone()
-                tensors[f"mask_{i}"] = mask[row, :n].clone()
-                row += 1
-            path = args.out / TEXT_DIR / f"{stem}.safetensors"
+            rows = slice(row, row + len(json.loads(meta["captions"])))
+            row = rows.stop
+            path = text_path(args.out, stem)
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda tmp, t=tensors, m=meta: save_file(t, str(tmp), m))
+            save_tensors(path, caption_tensors(emb[rows], mask[rows]), meta)
     with torch.no_grad():
         null_emb, null_mask = encode_null_caption(encoder, length, echo)
     save_null_caption(args.out, null_emb.to(dtype), null_mask)

@@ -193,23 +193,18 @@ def _encode_and_write(
     row = 0
     for (index, _), latent, image_captions in zip(loaded, latents, captions, strict=True):
         stem = stems[index]
-        text_tensors = {}
-        for i in range(len(image_captions)):
-            valid = masks[row].nonzero()
-            n = int(valid[-1]) + 1 if len(valid) else 0  # drop trailing padding only
-            # clone: a view would make safetensors see the whole batch's storage.
-            text_tensors[f"emb_{i}"] = embeds[row, :n].clone()
-            text_tensors[f"mask_{i}"] = masks[row, :n].clone()
-            row += 1
+        rows = slice(row, row + len(image_captions))
+        text_tensors = caption_tensors(embeds[rows], masks[rows])
+        row = rows.stop
         text_meta = {
             "captions": json.dumps(
                 [{"text": c.text, "clip_score": c.clip_score} for c in image_captions]
             ),
             "text_length": str(text_length),
         }
-        _save(text_path(cache_dir, stem), text_tensors, text_meta)
+        save_tensors(text_path(cache_dir, stem), text_tensors, text_meta)
         # The latent goes last: its presence (with the text file) marks the image as cached.
-        _save(latent_path(cache_dir, stem), {"latent": latent.clone()})
+        save_tensors(latent_path(cache_dir, stem), {"latent": latent.clone()})
         entries[index] = {
             "stem": stem,
             "key": dataset.records[index].file_name,
@@ -217,9 +212,23 @@ def _encode_and_write(
         }
 
 
-def _save(
+def caption_tensors(embeds: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A text file's tensors for one image's K captions, embeddings (K, L, D) and masks (K, L):
+    ``emb_i`` (n_i, D) and ``mask_i`` (n_i,), each without its trailing padding."""
+    tensors = {}
+    for i, (emb, mask) in enumerate(zip(embeds, masks, strict=True)):
+        valid = mask.nonzero()
+        n = int(valid[-1]) + 1 if len(valid) else 0  # drop trailing padding only
+        # clone: a view would make safetensors see the whole batch's storage.
+        tensors[f"emb_{i}"] = emb[:n].clone()
+        tensors[f"mask_{i}"] = mask[:n].clone()
+    return tensors
+
+
+def save_tensors(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
+    """Write a cache file atomically (safetensors, with ``metadata``)."""
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata))
 
 
