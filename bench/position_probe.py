@@ -19,8 +19,9 @@ prompt encoded once and with echo (``side_probe``).
 
 ``--results`` instead reads ShapesBench ``results.json`` files and counts, over the position
 prompts, how often the relation holds between the mean centres of the objects matching each
-mention (in images where both are drawn). Unlike the position score, this ignores how many
-objects were drawn, so it shows whether a model has learnt relations at all.
+mention (in images where both are drawn, and in those with exactly one of each), in all and
+per axis (left/right, above/below). Unlike the position score, this ignores how many objects
+were drawn, so it shows whether a model has learnt relations at all.
 
     .venv/bin/python bench/position_probe.py --model src/fastsana/assets/sana-shapes \
         --model OTHER_PIPELINE_OR_TRANSFORMER_FOLDER --sigmas 1.0,0.7,0.4
@@ -196,10 +197,12 @@ def side_probe(pipe: SanaPipeline, n: int, seed: int) -> dict[str, float]:
     return result
 
 
-def relation_agreement(results: dict) -> tuple[int, int]:
-    """(images where the relation holds between mean centres, images with both kinds drawn)
-    over the position prompts of a ShapesBench ``results.json``."""
-    right = total = 0
+def relation_agreement(results: dict, one_of_each: bool = False) -> dict[str, tuple[int, int]]:
+    """Per relation, (images where it holds between the mean centres of the objects matching
+    each mention, images with both drawn) over the position prompts of a ShapesBench
+    ``results.json``. ``one_of_each`` counts only images with exactly one object matching each
+    mention, where "the mean centre" is unambiguous."""
+    counts = {relation: [0, 0] for relation in RELATION_PHRASES}
     for prompt in results["prompts"]:
         if prompt["category"] != "position":
             continue
@@ -210,13 +213,29 @@ def relation_agreement(results: dict) -> tuple[int, int]:
             b = [
                 d for d in detections if d["colour"] == second.colour and d["shape"] == second.shape
             ]
-            if not a or not b:
+            if not a or not b or (one_of_each and (len(a) != 1 or len(b) != 1)):
                 continue
             dx = np.mean([d["cx"] for d in a]) - np.mean([d["cx"] for d in b])
             dy = np.mean([d["cy"] for d in a]) - np.mean([d["cy"] for d in b])
-            total += 1
-            right += bool(offsets_along(dx, dy)[caption.relation] > 0)
-    return right, total
+            counts[caption.relation][1] += 1
+            counts[caption.relation][0] += bool(offsets_along(dx, dy)[caption.relation] > 0)
+    return {relation: (right, total) for relation, (right, total) in counts.items()}
+
+
+AXES = {"horizontal": ("left of", "right of"), "vertical": ("above", "below")}
+
+
+def agreement_line(counts: dict[str, tuple[int, int]]) -> str:
+    """ "holds in R of N images (P %)" overall and per axis."""
+
+    def share(relations: tuple[str, ...]) -> str:
+        right = sum(counts[r][0] for r in relations)
+        total = sum(counts[r][1] for r in relations)
+        return f"{right}/{total} ({right / total:.0%})" if total else f"{right}/{total} (-)"
+
+    parts = [f"all {share(tuple(counts))}"]
+    parts += [f"{axis} {share(relations)}" for axis, relations in AXES.items()]
+    return ", ".join(parts)
 
 
 def main() -> None:
@@ -234,9 +253,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.results:
         for path in args.results:
-            right, total = relation_agreement(json.loads(path.read_text()))
-            share = f"{right / total:.0%}" if total else "-"
-            print(f"{path}: relation holds in {right} of {total} images ({share})")
+            results = json.loads(path.read_text())
+            print(f"{path}: relation holds in")
+            print(f"  images with both drawn: {agreement_line(relation_agreement(results))}")
+            one = relation_agreement(results, one_of_each=True)
+            print(f"  images with one of each: {agreement_line(one)}")
         return
     args.sigmas = [float(v) for v in args.sigmas.split(",")]
     configure_threads()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bench.position_probe import probe_accuracy, side_probe
+from bench.position_probe import agreement_line, probe_accuracy, relation_agreement, side_probe
 from fastsana.pipeline import SanaPipeline, default_model_path
 
 
@@ -29,3 +29,47 @@ def test_echo_puts_each_objects_side_into_its_own_tokens() -> None:
     assert side["once, second noun"] > 0.6, side
     assert side["echo, first noun"] > 0.6, side
     assert side["echo, second noun"] > 0.6, side
+
+
+def _detection(colour: str, shape: str, cx: float, cy: float) -> dict:
+    return {"colour": colour, "shape": shape, "cx": cx, "cy": cy}
+
+
+def test_relation_agreement_counts_per_relation_and_one_of_each() -> None:
+    left = "a red circle to the left of a blue square"
+    above = "a red circle above a blue square"
+    results = {
+        "prompts": [
+            {
+                "category": "position",
+                "text": left,
+                "detections": [
+                    [_detection("red", "circle", 0.2, 0.5), _detection("blue", "square", 0.8, 0.5)],
+                    [_detection("red", "circle", 0.9, 0.5), _detection("blue", "square", 0.1, 0.5)],
+                    # two red circles: their mean (0.45) is left of the square, but not one of each
+                    [
+                        _detection("red", "circle", 0.1, 0.5),
+                        _detection("red", "circle", 0.8, 0.5),
+                        _detection("blue", "square", 0.5, 0.5),
+                    ],
+                    [_detection("red", "circle", 0.2, 0.5)],  # the square is missing: not counted
+                ],
+            },
+            {
+                "category": "position",
+                "text": above,
+                # image y grows downwards: above means a smaller cy
+                "detections": [
+                    [_detection("red", "circle", 0.5, 0.2), _detection("blue", "square", 0.5, 0.7)]
+                ],
+            },
+            {"category": "two_object", "text": "a red circle and a blue square", "detections": []},
+        ]
+    }
+    counts = relation_agreement(results)
+    assert counts["left of"] == (2, 3)
+    assert counts["above"] == (1, 1)
+    assert counts["right of"] == (0, 0) and counts["below"] == (0, 0)
+    assert relation_agreement(results, one_of_each=True)["left of"] == (1, 2)
+    line = agreement_line(counts)
+    assert line == "all 3/4 (75%), horizontal 2/3 (67%), vertical 1/1 (100%)"
