@@ -19,9 +19,10 @@ prompt encoded once and with echo (``side_probe``).
 
 ``--results`` instead reads ShapesBench ``results.json`` files and counts, over the position
 prompts, how often the relation holds between the mean centres of the objects matching each
-mention (in images where both are drawn, and in those with exactly one of each), in all and
-per axis (left/right, above/below). Unlike the position score, this ignores how many objects
-were drawn, so it shows whether a model has learnt relations at all.
+mention (in images where both are drawn), and how often it is the main direction in images
+with exactly one of each, in all and per axis (left/right, above/below). Unlike the position
+score, this ignores how many objects were drawn, so it shows whether a model has learnt
+relations at all.
 
     .venv/bin/python bench/position_probe.py --model src/fastsana/assets/sana-shapes \
         --model OTHER_PIPELINE_OR_TRANSFORMER_FOLDER --sigmas 1.0,0.7,0.4
@@ -201,7 +202,8 @@ def relation_agreement(results: dict, one_of_each: bool = False) -> dict[str, tu
     """Per relation, (images where it holds between the mean centres of the objects matching
     each mention, images with both drawn) over the position prompts of a ShapesBench
     ``results.json``. ``one_of_each`` counts only images with exactly one object matching each
-    mention, where "the mean centre" is unambiguous."""
+    mention, and there the relation holds only if it is the pair's main direction (the
+    largest of the four offsets), as the session-20 table of docs/shapes.md counts it."""
     counts = {relation: [0, 0] for relation in RELATION_PHRASES}
     for prompt in results["prompts"]:
         if prompt["category"] != "position":
@@ -218,7 +220,12 @@ def relation_agreement(results: dict, one_of_each: bool = False) -> dict[str, tu
             dx = np.mean([d["cx"] for d in a]) - np.mean([d["cx"] for d in b])
             dy = np.mean([d["cy"] for d in a]) - np.mean([d["cy"] for d in b])
             counts[caption.relation][1] += 1
-            counts[caption.relation][0] += bool(offsets_along(dx, dy)[caption.relation] > 0)
+            offsets = offsets_along(dx, dy)
+            if one_of_each:
+                holds = max(offsets, key=offsets.__getitem__) == caption.relation
+            else:
+                holds = offsets[caption.relation] > 0
+            counts[caption.relation][0] += bool(holds)
     return {relation: (right, total) for relation, (right, total) in counts.items()}
 
 

@@ -53,6 +53,8 @@ def test_relation_agreement_counts_per_relation_and_one_of_each() -> None:
                         _detection("blue", "square", 0.5, 0.5),
                     ],
                     [_detection("red", "circle", 0.2, 0.5)],  # the square is missing: not counted
+                    # left of, but mainly above: holds, yet not as the main direction
+                    [_detection("red", "circle", 0.4, 0.1), _detection("blue", "square", 0.5, 0.9)],
                 ],
             },
             {
@@ -67,9 +69,9 @@ def test_relation_agreement_counts_per_relation_and_one_of_each() -> None:
         ]
     }
     counts = relation_agreement(results)
-    assert counts["left of"] == (2, 3)
+    assert counts["left of"] == (3, 4)
     assert counts["above"] == (1, 1)
     assert counts["right of"] == (0, 0) and counts["below"] == (0, 0)
-    assert relation_agreement(results, one_of_each=True)["left of"] == (1, 2)
+    assert relation_agreement(results, one_of_each=True)["left of"] == (1, 3)
     line = agreement_line(counts)
-    assert line == "all 3/4 (75%), horizontal 2/3 (67%), vertical 1/1 (100%)"
+    assert line == "all 4/5 (80%), horizontal 3/4 (75%), vertical 1/1 (100%)"
