@@ -259,6 +259,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.results:
+        missing = [str(path) for path in args.results if not path.is_file()]
+        if missing:
+            parser.error(f"--results: no such file: {', '.join(missing)}")
         for path in args.results:
             results = json.loads(path.read_text())
             print(f"{path}: relation holds in")
