@@ -233,7 +233,7 @@ AXES = {"horizontal": ("left of", "right of"), "vertical": ("above", "below")}
 
 
 def agreement_line(counts: dict[str, tuple[int, int]]) -> str:
-    """ "holds in R of N images (P %)" overall and per axis."""
+    """The share of images where the relation holds ("R/N (P%)"), in all and per axis."""
 
     def share(relations: tuple[str, ...]) -> str:
         right = sum(counts[r][0] for r in relations)
@@ -267,7 +267,7 @@ def main() -> None:
             print(f"{path}: relation holds in")
             print(f"  images with both drawn: {agreement_line(relation_agreement(results))}")
             one = relation_agreement(results, one_of_each=True)
-            print(f"  images with one of each: {agreement_line(one)}")
+            print(f"  images with one of each, as the main direction: {agreement_line(one)}")
         return
     args.sigmas = [float(v) for v in args.sigmas.split(",")]
     configure_threads()
