@@ -20,12 +20,19 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from fastsana.checkpoints.common import atomic_write_bytes, atomic_write_json
 from fastsana.models.text_encoder import TextEncoder
 from fastsana.shapes.grammar import parse_caption
-from fastsana.training.cache import INDEX_FILE, INFO_FILE
+from fastsana.training.cache import (
+    INDEX_FILE,
+    INFO_FILE,
+    LATENT_DIR,
+    TEXT_DIR,
+    caption_tensors,
+    save_tensors,
+    text_path,
+)
 from fastsana.training.components import NULL_CAPTION_FILE, save_null_caption
 
 
@@ -56,28 +63,29 @@ def main() -> None:
             args.echo / "text_encoder", args.echo / "tokenizer", dtype=torch.float32
         )
         info["info"].update(echo=True, text_encoder=str((args.echo / "text_encoder").resolve()))
-    (args.out / "text").mkdir(parents=True)
-    os.symlink((args.source / "latents").resolve(), args.out / "latents")
+    (args.out / TEXT_DIR).mkdir(parents=True)
+    os.symlink((args.source / LATENT_DIR).resolve(), args.out / LATENT_DIR)
     length = int(info["info"]["text_max_length"])
     kept = []
     for line in (args.source / INDEX_FILE).read_text().splitlines():
         stem = json.loads(line)["stem"]
-        source = args.source / "text" / f"{stem}.safetensors"
+        source = text_path(args.source, stem)
         found = relation_caption(source)
         if found is None:
             continue
         meta, caption, index = found
         if encoder is None:
             with safe_open(source, "pt") as f:
-                emb, mask = f.get_tensor(f"emb_{index}"), f.get_tensor(f"mask_{index}")
+                tensors = {
+                    "emb_0": f.get_tensor(f"emb_{index}"),
+                    "mask_0": f.get_tensor(f"mask_{index}"),
+                }
         else:
-            emb, mask = encoder.encode(
-                [caption["text"]], instruction=None, max_length=length, echo=True
+            tensors = caption_tensors(
+                *encoder.encode([caption["text"]], instruction=None, max_length=length, echo=True)
             )
-            n = int(mask[0].nonzero().max()) + 1  # stored without trailing padding
-            emb, mask = emb[0, :n].contiguous(), mask[0, :n].contiguous()
         meta = {**meta, "captions": json.dumps([caption])}
-        save_file({"emb_0": emb, "mask_0": mask}, args.out / "text" / f"{stem}.safetensors", meta)
+        save_tensors(text_path(args.out, stem), tensors, meta)
         kept.append(line)
     if encoder is None:
         shutil.copy(args.source / NULL_CAPTION_FILE, args.out / NULL_CAPTION_FILE)
