@@ -2,12 +2,15 @@
 
 The minimal binding task of docs/shapes.md (session 9): every sample is two objects in a
 relation, and its only caption is the relation caption. The latents are linked, not copied.
+``--with-counts`` also keeps the counting scenes ("three green stars"), so that a stage aimed
+at relations does not unlearn counting (docs/shapes.md, session 22).
 With ``--echo PIPELINE`` the captions are re-encoded with echo by PIPELINE's text encoder
 (train with ``model.text_echo: true``); otherwise the cached embeddings are kept.
 
     python scripts/relation_only_cache.py cache/rel-256 cache/bind-256
     python scripts/relation_only_cache.py cache/bind-256 cache/bind-256-echo \
         --echo src/fastsana/assets/sana-shapes
+    python scripts/relation_only_cache.py cache/rel4-512 cache/rel-count-512 --with-counts
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from safetensors import safe_open
 
 from fastsana.checkpoints.common import atomic_write_bytes, atomic_write_json
 from fastsana.models.text_encoder import TextEncoder
-from fastsana.shapes.grammar import parse_caption
+from fastsana.shapes.grammar import Caption, parse_caption
 from fastsana.training.cache import (
     INDEX_FILE,
     INFO_FILE,
@@ -36,14 +39,21 @@ from fastsana.training.cache import (
 from fastsana.training.components import NULL_CAPTION_FILE, save_null_caption
 
 
-def relation_caption(path: Path) -> tuple[dict, dict, int] | None:
+def is_count(caption: Caption) -> bool:
+    """Several objects of one kind: "three green stars"."""
+    return len(caption.mentions) == 1 and caption.mentions[0].count > 1
+
+
+def relation_caption(path: Path, *, counts: bool = False) -> tuple[dict, dict, int] | None:
     """(metadata, best caption, its index) of a cached text file, if that caption has a
-    relation; the best caption is the one with the highest score (the complete one)."""
+    relation (or, with ``counts``, is a count); the best caption is the one with the highest
+    score (the complete one)."""
     with safe_open(path, "pt") as f:
         meta = f.metadata()
     captions = json.loads(meta["captions"])
     best = max(range(len(captions)), key=lambda i: captions[i]["clip_score"])
-    if parse_caption(captions[best]["text"]).relation is None:
+    parsed = parse_caption(captions[best]["text"])
+    if parsed.relation is None and not (counts and is_count(parsed)):
         return None
     return meta, captions[best], best
 
@@ -53,6 +63,7 @@ def main() -> None:
     parser.add_argument("source", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--echo", type=Path, default=None, help="pipeline to re-encode with")
+    parser.add_argument("--with-counts", action="store_true", help="also keep the counting scenes")
     args = parser.parse_args()
     if args.out.exists():
         parser.error(f"{args.out} exists; choose a new folder")
@@ -70,7 +81,7 @@ def main() -> None:
     for line in (args.source / INDEX_FILE).read_text().splitlines():
         stem = json.loads(line)["stem"]
         source = text_path(args.source, stem)
-        found = relation_caption(source)
+        found = relation_caption(source, counts=args.with_counts)
         if found is None:
             continue
         meta, caption, index = found

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,19 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from script_helpers import SCRIPTS, load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "interpolate_weights.py"
-
-
-def _load_script():
-    # scripts/ is a folder of scripts, not a package; load it by path.
-    spec = importlib.util.spec_from_file_location("interpolate_weights", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = SCRIPTS / "interpolate_weights.py"
 
 
-interp = _load_script()
+interp = load_script("interpolate_weights")
 
 
 def _pipeline(root: Path, value: float, tag: str) -> Path:
