@@ -3,7 +3,8 @@
 The minimal binding task of docs/shapes.md (session 9): every sample is two objects in a
 relation, and its only caption is the relation caption. The latents are linked, not copied.
 ``--with-counts`` also keeps the counting scenes ("three green stars"), so that a stage aimed
-at relations does not unlearn counting (docs/shapes.md, session 22).
+at relations does not unlearn counting (docs/shapes.md, session 22). ``--relations`` keeps
+only the named relations ("left of,right of": the horizontal ones, docs/shapes.md, session 23).
 With ``--echo PIPELINE`` the captions are re-encoded with echo by PIPELINE's text encoder
 (train with ``model.text_echo: true``); otherwise the cached embeddings are kept.
 
@@ -11,6 +12,7 @@ With ``--echo PIPELINE`` the captions are re-encoded with echo by PIPELINE's tex
     python scripts/relation_only_cache.py cache/bind-256 cache/bind-256-echo \
         --echo src/fastsana/assets/sana-shapes
     python scripts/relation_only_cache.py cache/rel4-512 cache/rel-count-512 --with-counts
+    python scripts/relation_only_cache.py cache/j-512 cache/lr-512 --relations "left of,right of"
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from safetensors import safe_open
 from fastsana.checkpoints.common import atomic_write_bytes, atomic_write_json
 from fastsana.models.text_encoder import TextEncoder
 from fastsana.shapes.grammar import Caption, parse_caption
+from fastsana.shapes.world import RELATIONS
 from fastsana.training.cache import (
     INDEX_FILE,
     INFO_FILE,
@@ -44,16 +47,18 @@ def is_count(caption: Caption) -> bool:
     return len(caption.mentions) == 1 and caption.mentions[0].count > 1
 
 
-def relation_caption(path: Path, *, counts: bool = False) -> tuple[dict, dict, int] | None:
-    """(metadata, best caption, its index) of a cached text file, if that caption has a
-    relation (or, with ``counts``, is a count); the best caption is the one with the highest
-    score (the complete one)."""
+def relation_caption(
+    path: Path, *, counts: bool = False, relations: tuple[str, ...] = RELATIONS
+) -> tuple[dict, dict, int] | None:
+    """(metadata, best caption, its index) of a cached text file, if that caption has one of
+    ``relations`` (or, with ``counts``, is a count); the best caption is the one with the
+    highest score (the complete one)."""
     with safe_open(path, "pt") as f:
         meta = f.metadata()
     captions = json.loads(meta["captions"])
     best = max(range(len(captions)), key=lambda i: captions[i]["clip_score"])
     parsed = parse_caption(captions[best]["text"])
-    if parsed.relation is None and not (counts and is_count(parsed)):
+    if parsed.relation not in relations and not (counts and is_count(parsed)):
         return None
     return meta, captions[best], best
 
@@ -64,7 +69,16 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--echo", type=Path, default=None, help="pipeline to re-encode with")
     parser.add_argument("--with-counts", action="store_true", help="also keep the counting scenes")
+    parser.add_argument(
+        "--relations",
+        default=",".join(RELATIONS),
+        help=f"comma-separated relations to keep, of {', '.join(RELATIONS)} (default: all)",
+    )
     args = parser.parse_args()
+    relations = tuple(r.strip() for r in args.relations.split(","))
+    unknown = [r for r in relations if r not in RELATIONS]
+    if unknown:
+        parser.error(f"--relations: unknown {unknown}; expected some of {', '.join(RELATIONS)}")
     if args.out.exists():
         parser.error(f"{args.out} exists; choose a new folder")
     info = json.loads((args.source / INFO_FILE).read_text())
@@ -81,7 +95,7 @@ def main() -> None:
     for line in (args.source / INDEX_FILE).read_text().splitlines():
         stem = json.loads(line)["stem"]
         source = text_path(args.source, stem)
-        found = relation_caption(source, counts=args.with_counts)
+        found = relation_caption(source, counts=args.with_counts, relations=relations)
         if found is None:
             continue
         meta, caption, index = found

@@ -26,7 +26,13 @@ def _stems(cache) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("flags", "kept"), [((), ["0", "4"]), (("--with-counts",), ["0", "1", "4"])]
+    ("flags", "kept"),
+    [
+        ((), ["0", "4"]),
+        (("--with-counts",), ["0", "1", "4"]),
+        (("--relations", "left of,right of"), ["0"]),
+        (("--relations", "above, below", "--with-counts"), ["1", "4"]),
+    ],
 )
 def test_keeps_the_scenes_whose_best_caption_qualifies(tmp_path, monkeypatch, flags, kept) -> None:
     cache = tiny_cache(tmp_path, encoder_folder(tmp_path / "enc", seed=0), CAPTIONS)
@@ -57,3 +63,12 @@ def test_refuses_an_existing_output(tmp_path, monkeypatch) -> None:
     (tmp_path / "taken").mkdir()
     with pytest.raises(SystemExit):
         run_script(monkeypatch, "relation_only_cache", str(cache), str(tmp_path / "taken"))
+
+
+def test_refuses_an_unknown_relation(tmp_path, monkeypatch, capsys) -> None:
+    cache = tiny_cache(tmp_path, encoder_folder(tmp_path / "enc", seed=0), CAPTIONS[:1])
+    with pytest.raises(SystemExit):
+        args = (str(cache), str(tmp_path / "o"), "--relations", "left")
+        run_script(monkeypatch, "relation_only_cache", *args)
+    assert "--relations: unknown ['left']" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
