@@ -100,7 +100,13 @@ def add_shapes_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
         help="score exact renders of the prompts (checks the analyser; expect ≥ 0.99)",
     )
     bench.add_argument("--images-per-prompt", type=_positive_int, default=4)
-    bench.add_argument("--seed", type=_non_negative_int, default=0)
+    bench.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        help="image k of every prompt uses seed SEED + k, so runs with independent images need "
+        "seeds at least --images-per-prompt apart (0, 2, 4, … for 2 images per prompt)",
+    )
     bench.add_argument(
         "--prompts-per-category",
         type=_positive_int,
