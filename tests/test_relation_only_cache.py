@@ -67,8 +67,8 @@ def test_refuses_an_existing_output(tmp_path, monkeypatch) -> None:
 
 def test_refuses_an_unknown_relation(tmp_path, monkeypatch, capsys) -> None:
     cache = tiny_cache(tmp_path, encoder_folder(tmp_path / "enc", seed=0), CAPTIONS[:1])
+    args = (str(cache), str(tmp_path / "o"), "--relations", "left")
     with pytest.raises(SystemExit):
-        args = (str(cache), str(tmp_path / "o"), "--relations", "left")
         run_script(monkeypatch, "relation_only_cache", *args)
     assert "--relations: unknown ['left']" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
